@@ -1,0 +1,137 @@
+"""Exceptions that cross the wire, and the one mapping from exception to HTTP error.
+
+Every error the service returns has the same body (the OpenAI shape)::
+
+    {"error": {"message": str, "type": str, "param": str | None, "code": str | None}}
+
+Code that wants to fail a request raises one of the classes below; the ingress turns
+it into a response with :func:`error_body` / :func:`status_of`. Each class states its
+status in its docstring and in ``status_code``. The exceptions are plain picklable
+objects so that they survive a hop through a Ray or Modal handle unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServeAppError(Exception):
+    """Base class: 500, ``internal_error``. Subclasses override the class attributes."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments are lost by the default Exception pickling.
+        return (_rebuild, (type(self), self.message, self.param, self.code))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "message": self.message,
+            "type": self.error_type,
+            "param": self.param,
+            "code": self.code,
+        }
+
+
+def _rebuild(cls: type[ServeAppError], message: str, param: str | None, code: str | None):
+    return cls(message, param=param, code=code)
+
+
+class InvalidRequestError(ServeAppError):
+    """400: the request is well-formed JSON but asks for something invalid."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ConstraintError(InvalidRequestError):
+    """400: a JSON schema, regex or grammar did not compile; the message is the compiler's."""
+
+    default_code = "invalid_constraint"
+
+
+class ContextLengthError(InvalidRequestError):
+    """400: prompt tokens + ``max_tokens`` exceed what the model or the config allows."""
+
+    default_code = "context_length_exceeded"
+
+
+class UnsupportedError(InvalidRequestError):
+    """400: a valid feature this model or engine does not provide (e.g. images, text model)."""
+
+    default_code = "unsupported"
+
+
+class ModelNotFoundError(ServeAppError):
+    """404: the ``model`` field names no model this service serves."""
+
+    status_code = 404
+    error_type = "not_found_error"
+    default_code = "model_not_found"
+
+
+class PayloadTooLargeError(ServeAppError):
+    """413: the request body or an image in it is over the configured limit."""
+
+    status_code = 413
+    error_type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class OverloadedError(ServeAppError):
+    """503: the engine's queue is full; retry later."""
+
+    status_code = 503
+    error_type = "overloaded_error"
+    default_code = "overloaded"
+
+
+class EngineError(ServeAppError):
+    """500: the model failed while serving a request that was valid."""
+
+    status_code = 500
+    error_type = "internal_error"
+    default_code = "engine_error"
+
+
+def status_of(exc: BaseException) -> int:
+    return exc.status_code if isinstance(exc, ServeAppError) else 500
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    """The envelope for any exception; unknown exceptions become a 500 without internals."""
+    if isinstance(exc, ServeAppError):
+        return {"error": exc.to_dict()}
+    return {
+        "error": {
+            "message": f"internal error ({type(exc).__name__})",
+            "type": "internal_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """Find our own error inside a framework's wrapper (Ray wraps remote exceptions).
+
+    Looks at ``cause`` (Ray's ``RayTaskError``) and the ``__cause__`` chain, so the
+    handle seam can hand the ingress the exception the replica raised.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ServeAppError):
+            return current
+        seen.add(id(current))
+        inner = getattr(current, "cause", None)
+        current = inner if isinstance(inner, BaseException) else current.__cause__
+    return exc
