@@ -1,0 +1,154 @@
+"""The LLM engine contract. Engines import no serving framework (no ray, no modal).
+
+An engine turns one :class:`GenerationRequest` into a stream of :class:`GenerationOutput`
+deltas. The contract, which every engine (transformers, vLLM, the test fake) keeps:
+
+Streaming (:meth:`LLMEngine.generate`)
+    Yields one or more ``GenerationOutput`` objects. Each carries only the *new* text and
+    token ids since the previous one. Exactly the last one has ``finish_reason`` set
+    (``"stop"``: EOS, a stop string, or the constraint completed; ``"length"``:
+    ``max_tokens`` reached). ``prompt_tokens``/``completion_tokens`` are running totals.
+    When a constraint was given, the last output's ``constraint_satisfied`` says whether
+    the full text matches it; it is True whenever ``finish_reason == "stop"`` because of
+    EOS or the constraint ending, and honestly False when ``max_tokens`` cut it short.
+    Stop strings are not part of the text.
+
+Not streaming (:meth:`LLMEngine.generate_full`)
+    Drains :meth:`generate` into one ``GenerationOutput`` with the whole text.
+
+Errors
+    Problems with the request raise a :class:`serve_apps.errors.ServeAppError` subclass
+    *before the first output is yielded* (``ConstraintError`` for a schema/regex/grammar that
+    does not compile, ``ContextLengthError`` when prompt + ``max_tokens`` do not fit,
+    ``UnsupportedError`` for images sent to a text-only model, ``OverloadedError`` when the
+    queue is full). A failure of the model mid-stream raises ``EngineError``.
+
+Cancellation
+    Closing the async iterator (the client went away) aborts the request and frees its slot
+    in the running batch.
+"""
+
+from __future__ import annotations
+
+import abc
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length"]
+ConstraintKind = Literal["json_schema", "regex", "grammar"]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A structural constraint on the output. ``spec`` is a JSON-schema dict or a string."""
+
+    kind: ConstraintKind
+    spec: str | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if not self.temperature >= 0.0:
+            raise ValueError("temperature must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+@dataclass
+class GenerationRequest:
+    """A prompt (already templated) plus how to sample it."""
+
+    prompt: str
+    sampling: SamplingParams
+    constraint: Constraint | None = None
+    # Images for vision-language engines; text-only engines reject them.
+    images: Sequence[Any] = ()
+    # Chat prompts come out of the chat template with their special tokens already in.
+    add_special_tokens: bool = True
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class GenerationOutput:
+    """A delta of generated text (or, from ``generate_full``, the whole of it)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+    constraint_satisfied: bool | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine knows about the loaded model once it has started."""
+
+    name_or_path: str
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    supports_images: bool = False
+
+
+class LLMEngine(abc.ABC):
+    """Base class of every LLM engine; see the module docstring for the contract."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model. Called once before any other method."""
+
+    @abc.abstractmethod
+    def info(self) -> ModelInfo:
+        """Facts about the loaded model (valid after :meth:`start`)."""
+
+    @abc.abstractmethod
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """Render chat messages into the prompt string the model expects."""
+
+    @abc.abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Number of prompt tokens ``text`` encodes to."""
+
+    @abc.abstractmethod
+    async def validate_constraint(self, constraint: Constraint) -> None:
+        """Raise ``ConstraintError`` (with the compiler's message) if it does not compile."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream deltas for ``request`` (an async generator)."""
+
+    async def generate_full(self, request: GenerationRequest) -> GenerationOutput:
+        text: list[str] = []
+        ids: list[int] = []
+        last: GenerationOutput | None = None
+        async for out in self.generate(request):
+            text.append(out.text)
+            ids.extend(out.token_ids)
+            last = out
+        assert last is not None and last.finish_reason is not None, "engine broke the contract"
+        return GenerationOutput(
+            text="".join(text),
+            token_ids=ids,
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            finish_reason=last.finish_reason,
+            constraint_satisfied=last.constraint_satisfied,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for tests and benchmarks (e.g. batch sizes seen). Default: none."""
+        return {}
+
+    async def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (threads, GPU memory). Default: nothing to release."""

@@ -1,0 +1,163 @@
+"""Constraints with llguidance: compile once per content hash, mask logits token by token.
+
+A constraint (JSON schema, regex, Lark/GBNF grammar) compiles into an ``LLMatcher`` bound to
+the engine's tokenizer. Compiling is the expensive part (milliseconds to a second for big
+schemas), so compiled matchers are kept in an LRU keyed by the SHA-256 of the constraint's
+canonical text, and each request gets a cheap ``deep_copy`` of the cached one.
+
+During decoding, :class:`BatchMasker` computes the allowed-token bitmask of every
+constrained row of the batch in one parallel llguidance call and sets the logits of
+disallowed tokens to ``-inf`` before sampling, so the sampled text can only follow the
+grammar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConstraintError
+from .base import Constraint
+
+if TYPE_CHECKING:
+    import llguidance
+    import torch
+
+
+def constraint_key(constraint: Constraint) -> str:
+    """Content hash of a constraint; equal specs (key order aside) share a compiled matcher."""
+    spec = constraint.spec
+    text = (
+        spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    )
+    return hashlib.sha256(f"{constraint.kind}\0{text}".encode()).hexdigest()
+
+
+# Compact JSON (no free whitespace between tokens): a model cannot pad its output with
+# whitespace forever, and both backends agree (vLLM: ``disable_any_whitespace``). A schema
+# can still opt back in with ``"x-guidance": {"whitespace_flexible": true}``.
+JSON_DEFAULTS = {"whitespace_flexible": False}
+
+
+def grammar_for(constraint: Constraint) -> str:
+    """The llguidance grammar text for a constraint (not yet checked)."""
+    import llguidance
+
+    spec = constraint.spec
+    if constraint.kind == "json_schema":
+        if not isinstance(spec, dict):
+            raise ConstraintError("json_schema must be a JSON object", param="json_schema")
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(
+                json.dumps(spec),
+                defaults=JSON_DEFAULTS,  # type: ignore[arg-type]
+            )
+        except ValueError as e:
+            raise ConstraintError(f"invalid JSON schema: {e}", param="json_schema") from e
+    if not isinstance(spec, str):
+        raise ConstraintError(f"{constraint.kind} must be a string", param=constraint.kind)
+    if constraint.kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(spec)
+    try:
+        # "grammar" accepts llguidance's Lark dialect and converts GBNF.
+        return llguidance.grammar_from("grammar", spec)
+    except ValueError as e:
+        raise ConstraintError(f"invalid grammar: {e}", param="grammar") from e
+
+
+class ConstraintCompiler:
+    """Compiles constraints for one tokenizer and caches the compiled matchers (thread-safe)."""
+
+    def __init__(self, ll_tokenizer: llguidance.LLTokenizer, cache_size: int = 128):
+        self._tokenizer = ll_tokenizer
+        self._cache: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @classmethod
+    def for_hf_tokenizer(cls, hf_tokenizer: Any, cache_size: int = 128) -> ConstraintCompiler:
+        import llguidance.hf
+
+        return cls(llguidance.hf.from_tokenizer(hf_tokenizer), cache_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tokenizer.vocab_size)
+
+    def matcher(self, constraint: Constraint) -> llguidance.LLMatcher:
+        """A fresh matcher for one request; ``ConstraintError`` carries the compiler's message."""
+        key = constraint_key(constraint)
+        with self._lock:
+            proto = self._cache.get(key)
+            if proto is not None:
+                self._cache.move_to_end(key)
+                self.hits += 1
+        if proto is None:
+            proto = self._compile(constraint)
+            with self._lock:
+                self.misses += 1
+                self._cache[key] = proto
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        return proto.deep_copy()
+
+    def _compile(self, constraint: Constraint) -> llguidance.LLMatcher:
+        import llguidance
+
+        grammar = grammar_for(constraint)
+        matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ConstraintError(
+                f"invalid {constraint.kind}: {matcher.get_error()}", param=constraint.kind
+            )
+        return matcher
+
+
+class BatchMasker:
+    """Applies the grammar masks of the constrained rows of a batch to its logits."""
+
+    def __init__(self, vocab_size: int):
+        import llguidance
+
+        self._executor = llguidance.LLExecutor()
+        self._vocab_size = vocab_size
+        self.mask_seconds: list[float] = []  # one entry per masked decode step, for benchmarks
+
+    def median_mask_seconds(self) -> float | None:
+        if not self.mask_seconds:
+            return None
+        ordered = sorted(self.mask_seconds)
+        return ordered[len(ordered) // 2]
+
+    def apply(self, logits: torch.Tensor, rows: list[tuple[int, llguidance.LLMatcher]]) -> None:
+        """Mask ``logits`` (batch, model_vocab) in place for the given (row, matcher) pairs."""
+        import llguidance.torch as llt
+        import torch
+
+        if not rows:
+            return
+        t0 = time.perf_counter()
+        bitmask = llt.allocate_token_bitmask(len(rows), self._vocab_size)
+        llt.fill_next_token_bitmask_par(
+            self._executor, [(m, i) for i, (_, m) in enumerate(rows)], bitmask
+        )
+        # Unpack bits to a boolean "allowed" matrix; tokens beyond the tokenizer's vocab
+        # (embedding padding) are never allowed.
+        shifts = torch.arange(32, dtype=torch.int32)
+        allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().view(len(rows), -1)
+        index = torch.tensor([r for r, _ in rows], dtype=torch.long, device=logits.device)
+        sub = logits.index_select(0, index)
+        width = min(sub.shape[1], allowed.shape[1], self._vocab_size)
+        keep = torch.zeros_like(sub, dtype=torch.bool)
+        keep[:, :width] = allowed[:, :width].to(sub.device)
+        sub.masked_fill_(~keep, float("-inf"))
+        logits.index_copy_(0, index, sub)
+        self.mask_seconds.append(time.perf_counter() - t0)
+        if len(self.mask_seconds) > 100_000:
+            del self.mask_seconds[:50_000]

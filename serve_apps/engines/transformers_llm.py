@@ -1,0 +1,533 @@
+"""LLM engine on transformers, with continuous batching and llguidance constraints.
+
+Requests are not served one after another. A scheduler thread owns the model and runs a
+step loop over a *running batch*:
+
+1. new requests are prefilled together (left-padded) and their KV caches merged into the
+   running batch (left-padding the shorter side), so they join at the next step;
+2. one decode step runs the whole batch through the model at once: one token per row,
+   each row at its own position;
+3. every row's logits are masked by its grammar (one parallel llguidance call for the
+   batch), then sampled with the row's own temperature, top-p and seeded generator;
+4. rows that finished (EOS, stop string, grammar complete, ``max_tokens``) or whose client
+   went away leave the batch, and all-padding cache columns are trimmed.
+
+The event loop never waits on the model: outputs are handed to each request's asyncio
+queue with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import (
+    ContextLengthError,
+    EngineError,
+    OverloadedError,
+    ServeAppError,
+    UnsupportedError,
+)
+from .base import (
+    Constraint,
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    LLMEngine,
+    ModelInfo,
+)
+from .constraints import BatchMasker, ConstraintCompiler
+
+if TYPE_CHECKING:
+    import llguidance
+    import torch
+
+logger = logging.getLogger(__name__)
+
+_STOP = object()  # sentinel that stops the scheduler thread
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without re-decoding everything.
+
+    Byte-level BPE can split one character over several tokens; a delta is released only
+    once it no longer ends in a partial character (the approach of TGI and vLLM).
+    """
+
+    def __init__(self, decode):
+        self._decode = decode
+        self.ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+
+@dataclass
+class _Sequence:
+    request: GenerationRequest
+    prompt_ids: list[int]
+    matcher: llguidance.LLMatcher | None
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue[Any]
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None = None
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    sent_chars: int = 0
+    unsent_ids: list[int] = field(default_factory=list)
+    n_ctx: int = 0  # real (non-padding) tokens in this row's KV cache
+    next_token: int = -1  # sampled, not yet fed to the model
+    done: bool = False
+    cancelled: bool = False
+
+    def emit(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+
+
+@dataclass
+class EngineStats:
+    """Counters for tests and benchmarks (read-only outside the scheduler thread)."""
+
+    decode_steps: int = 0
+    prefill_batches: int = 0
+    tokens_generated: int = 0
+    batch_sizes: Counter[int] = field(default_factory=Counter)
+
+    @property
+    def max_batch_size(self) -> int:
+        return max(self.batch_sizes, default=0)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+class TransformersEngine(LLMEngine):
+    """A causal LM from ``from_pretrained(path_or_id)`` behind the engine contract."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        max_batch_size: int = 8,
+        max_queue: int = 256,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        trust_remote_code: bool = False,
+    ):
+        self.model_name_or_path = model
+        self.revision = revision
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self._max_model_len_cfg = max_model_len
+        self._dtype = dtype
+        self._device_cfg = device
+        self._trust_remote_code = trust_remote_code
+        self.counters = EngineStats()
+        self._waiting: queue.Queue[Any] = queue.Queue()
+        self._tok_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._info: ModelInfo | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        device = self._device_cfg
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.model_name_or_path,
+            revision=self.revision,
+            trust_remote_code=self._trust_remote_code,
+        )
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            self.model_name_or_path,
+            revision=self.revision,
+            dtype=_torch_dtype(self._dtype),
+            trust_remote_code=self._trust_remote_code,
+        )
+        self.model = model.to(self.device).eval()
+        self.compiler = ConstraintCompiler.for_hf_tokenizer(self.tokenizer)
+        self.masker = BatchMasker(self.compiler.vocab_size)
+
+        eos: set[int] = set()
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        for e in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
+            if e is not None:
+                eos.add(int(e))
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        self._eos = eos
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        text_config = self.model.config.get_text_config()
+        limit = getattr(text_config, "max_position_embeddings", None) or 2048
+        max_len = min(self._max_model_len_cfg or limit, limit)
+        self._info = ModelInfo(
+            name_or_path=self.model_name_or_path,
+            max_model_len=int(max_len),
+            eos_token_ids=tuple(sorted(eos)),
+        )
+        logger.info("loaded %s on %s (max_model_len=%d)", self.model_name_or_path, device, max_len)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "decode_steps": self.counters.decode_steps,
+            "prefill_batches": self.counters.prefill_batches,
+            "tokens_generated": self.counters.tokens_generated,
+            "max_batch_size": self.counters.max_batch_size,
+            "batch_sizes": dict(self.counters.batch_sizes),
+            "mask_seconds_median": self.masker.median_mask_seconds(),
+            "constraint_cache": {"hits": self.compiler.hits, "misses": self.compiler.misses},
+        }
+
+    async def shutdown(self) -> None:
+        if self._thread is not None:
+            self._waiting.put(_STOP)
+            await asyncio.to_thread(self._thread.join, 10)
+            self._thread = None
+
+    # ----------------------------------------------------------------- contract
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise RuntimeError("engine not started")
+        return self._info
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        with self._tok_lock:
+            return str(
+                self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            )
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        with self._tok_lock:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        with self._tok_lock:
+            return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text, add_special_tokens=False))
+
+    async def validate_constraint(self, constraint: Constraint) -> None:
+        await asyncio.to_thread(self.compiler.matcher, constraint)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        seq = await self._prepare(request)
+        if self._waiting.qsize() >= self.max_queue:
+            raise OverloadedError(f"{self._waiting.qsize()} requests are waiting; retry later")
+        self._waiting.put(seq)
+        try:
+            while True:
+                item = await seq.outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            # Normal end, error, or the consumer closed us (client disconnected).
+            seq.cancelled = True
+
+    async def _prepare(self, request: GenerationRequest) -> _Sequence:
+        """Everything that can reject a request, done before it is queued."""
+        import torch
+
+        if request.images:
+            raise UnsupportedError(
+                f"{self.model_name_or_path} is a text-only model; send no images"
+            )
+        info = self.info()
+        prompt_ids = self._encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        if not prompt_ids:
+            raise ContextLengthError("the prompt encodes to no tokens", param="prompt")
+        budget = len(prompt_ids) + request.sampling.max_tokens
+        if budget > info.max_model_len:
+            raise ContextLengthError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.sampling.max_tokens}) "
+                f"= {budget} exceeds the model's context of {info.max_model_len} tokens",
+                param="max_tokens",
+            )
+        matcher = None
+        if request.constraint is not None:
+            matcher = await asyncio.to_thread(self.compiler.matcher, request.constraint)
+        generator = None
+        if request.sampling.temperature > 0:
+            generator = torch.Generator(device=self.device)
+            if request.sampling.seed is not None:
+                generator.manual_seed(request.sampling.seed)
+            else:
+                generator.seed()
+        return _Sequence(
+            request=request,
+            prompt_ids=prompt_ids,
+            matcher=matcher,
+            loop=asyncio.get_running_loop(),
+            outputs=asyncio.Queue(),
+            detok=IncrementalDetokenizer(self._decode),
+            generator=generator,
+        )
+
+    # ---------------------------------------------------------------- scheduler
+    def _run(self) -> None:
+        import torch
+
+        self._active: list[_Sequence] = []
+        self._cache: Any = None
+        self._attn: torch.Tensor | None = None
+        with torch.inference_mode():
+            while True:
+                new = self._take_new()
+                if new is None:
+                    break
+                try:
+                    self._drop_finished()
+                    if new:
+                        self._prefill(new)
+                    if self._active:
+                        self._decode_step()
+                except Exception as e:
+                    logger.exception("engine step failed; failing the running batch")
+                    err = (
+                        e
+                        if isinstance(e, ServeAppError)
+                        else EngineError(f"generation failed: {e}")
+                    )
+                    for seq in [*self._active, *new]:
+                        if not seq.done:
+                            seq.done = True
+                            seq.emit(err)
+                    self._active, self._cache, self._attn = [], None, None
+
+    def _take_new(self) -> list[_Sequence] | None:
+        """New sequences to admit; blocks while idle. None means shut down."""
+        room = self.max_batch_size - len(self._active)
+        new: list[_Sequence] = []
+        block = not self._active
+        while len(new) < room:
+            try:
+                item = self._waiting.get(block=block and not new)
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return None
+            if not item.cancelled:
+                new.append(item)
+        return new
+
+    def _prefill(self, new: list[_Sequence]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        longest = max(len(s.prompt_ids) for s in new)
+        ids = torch.full((len(new), longest), self._pad_id, dtype=torch.long)
+        attn = torch.zeros((len(new), longest), dtype=torch.long)
+        for i, s in enumerate(new):
+            n = len(s.prompt_ids)
+            ids[i, longest - n :] = torch.tensor(s.prompt_ids)
+            attn[i, longest - n :] = 1
+            s.n_ctx = n
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.counters.prefill_batches += 1
+        self._sample(out.logits[:, -1, :].float(), new)
+        keep = [i for i, s in enumerate(new) if not s.done]
+        if not keep:
+            return
+        if len(keep) < len(new):
+            cache.batch_select_indices(torch.tensor(keep, device=self.device))
+            attn = attn[keep]
+        self._merge([new[i] for i in keep], out.past_key_values, attn)
+
+    def _merge(self, seqs: list[_Sequence], cache: Any, attn: torch.Tensor) -> None:
+        """Append prefilled rows to the running batch, left-padding the shorter cache."""
+        import torch
+        import torch.nn.functional as F
+        from transformers import DynamicCache
+
+        if self._cache is None or self._attn is None:
+            self._active, self._cache, self._attn = list(seqs), cache, attn
+            return
+        t_old, t_new = self._attn.shape[1], attn.shape[1]
+        width = max(t_old, t_new)
+
+        def pad(x: torch.Tensor, t: int, dim_from_end: int) -> torch.Tensor:
+            # F.pad pads trailing dims first: (0,0) per dim after the sequence dim.
+            return F.pad(x, (0, 0) * (dim_from_end - 1) + (width - t, 0))
+
+        layers = [
+            (
+                torch.cat([pad(a.keys, t_old, 2), pad(b.keys, t_new, 2)]),
+                torch.cat([pad(a.values, t_old, 2), pad(b.values, t_new, 2)]),
+            )
+            for a, b in zip(self._cache.layers, cache.layers, strict=True)
+        ]
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._attn = torch.cat([pad(self._attn, t_old, 1), pad(attn, t_new, 1)])
+        self._active.extend(seqs)
+
+    def _decode_step(self) -> None:
+        import torch
+
+        assert self._attn is not None
+        batch = self._active
+        ids = torch.tensor([[s.next_token] for s in batch], device=self.device)
+        positions = torch.tensor([[s.n_ctx] for s in batch], device=self.device)
+        attn = torch.cat(
+            [self._attn, torch.ones((len(batch), 1), dtype=self._attn.dtype, device=self.device)], 1
+        )
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        self._attn = attn
+        for s in batch:
+            s.n_ctx += 1
+        self.counters.decode_steps += 1
+        self.counters.batch_sizes[len(batch)] += 1
+        self._sample(out.logits[:, -1, :].float(), batch)
+
+    def _drop_finished(self) -> None:
+        """Remove finished or cancelled rows from the batch and trim all-padding columns."""
+        import torch
+        from transformers import DynamicCache
+
+        if not self._active or self._attn is None:
+            return
+        keep = [i for i, s in enumerate(self._active) if not (s.done or s.cancelled)]
+        if len(keep) == len(self._active):
+            return
+        if not keep:
+            self._active, self._cache, self._attn = [], None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        attn = self._attn.index_select(0, index)
+        used = attn.sum(0).nonzero()
+        first = int(used[0]) if len(used) else 0
+        self._cache = DynamicCache(
+            ddp_cache_data=[
+                (
+                    layer.keys.index_select(0, index)[:, :, first:],
+                    layer.values.index_select(0, index)[:, :, first:],
+                )
+                for layer in self._cache.layers
+            ]
+        )
+        self._attn = attn[:, first:]
+        self._active = [self._active[i] for i in keep]
+
+    # ----------------------------------------------------------------- sampling
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> None:
+        import torch
+
+        constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
+        self.masker.apply(logits, constrained)
+        for i, s in enumerate(seqs):
+            sp = s.request.sampling
+            row = logits[i]
+            if sp.temperature == 0 or s.generator is None:
+                token = int(row.argmax())
+            else:
+                probs = torch.softmax(row / sp.temperature, dim=-1)
+                if sp.top_p < 1.0:
+                    sorted_p, order = probs.sort(descending=True)
+                    cutoff = (sorted_p.cumsum(0) - sorted_p) >= sp.top_p
+                    sorted_p[cutoff] = 0.0
+                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+                token = int(torch.multinomial(probs, 1, generator=s.generator))
+            self._advance(s, token)
+
+    def _advance(self, s: _Sequence, token: int) -> None:
+        """Record one sampled token for ``s``, decide whether it is finished, emit a delta."""
+        sp = s.request.sampling
+        s.generated.append(token)
+        s.unsent_ids.append(token)
+        s.next_token = token
+        self.counters.tokens_generated += 1
+        finish: FinishReason | None = None
+        satisfied: bool | None = None
+        is_eos = token in self._eos
+        if s.matcher is not None and not s.matcher.consume_token(token):
+            s.done = True
+            s.emit(
+                EngineError(f"constraint matcher rejected a masked token: {s.matcher.get_error()}")
+            )
+            return
+        if is_eos:
+            finish = "stop"
+        else:
+            s.text += s.detok.add(token)
+            if sp.stop:
+                start = max(0, s.sent_chars - max(len(x) for x in sp.stop))
+                hits = [i for i in (s.text.find(x, start) for x in sp.stop) if i >= 0]
+                if hits:
+                    s.text = s.text[: min(hits)]
+                    finish = "stop"
+        if finish is None and s.matcher is not None and s.matcher.is_stopped():
+            finish = "stop"
+        if finish is None and len(s.generated) >= sp.max_tokens:
+            finish = "length"
+        if s.matcher is not None and finish is not None:
+            # A stop string cut the text somewhere the grammar did not end: we cannot vouch.
+            cut_by_stop = finish == "stop" and not is_eos and not s.matcher.is_stopped()
+            satisfied = False if cut_by_stop else s.matcher.is_accepting()
+        if finish is not None:
+            s.done = True
+            hold = 0
+        else:
+            hold = max((len(x) for x in sp.stop), default=1) - 1
+        upto = max(s.sent_chars, len(s.text) - hold)
+        delta = s.text[s.sent_chars : upto]
+        if delta or finish is not None:
+            s.sent_chars = upto
+            s.emit(
+                GenerationOutput(
+                    text=delta,
+                    token_ids=s.unsent_ids,
+                    prompt_tokens=len(s.prompt_ids),
+                    completion_tokens=len(s.generated),
+                    finish_reason=finish,
+                    constraint_satisfied=satisfied,
+                )
+            )
+            s.unsent_ids = []
