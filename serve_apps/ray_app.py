@@ -1,0 +1,104 @@
+"""Ray Serve adapter: the deployments of the graph and ``build_app(args)``.
+
+``build_app`` is the ``import_path`` target of ``config.yaml`` (``serve run``, KubeRay's
+``serveConfigV2``) and what the tests deploy. It validates ``args`` as :class:`AppArgs`
+(unknown keys fail here) and binds::
+
+    Ingress ──> LLM      (LLMServer on the llm model)
+            └─> Codegen  (LLMServer on the codegen model)
+
+Deployment options (replicas, autoscaling, resources) come from the ``deployments:``
+section of the Serve config, which overrides the defaults below; the defaults are only
+what a bare ``serve.run(build_app({}))`` uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+
+from .config import AppArgs, ModelConfig
+from .errors import OverloadedError, unwrap
+from .ingress import create_app
+from .servers.llm import LLMServer
+
+# Deployment names: the keys of the Serve config's `deployments:` list and of the
+# Modal classes. The ingress knows the others by service name.
+INGRESS = "Ingress"
+SERVICE_DEPLOYMENTS = {"llm": "LLM", "codegen": "Codegen"}
+
+
+class RayHandle:
+    """:class:`serve_apps.handles.Handle` over a Ray Serve ``DeploymentHandle``."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self._handle = handle
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await getattr(self._handle, method).remote(*args, **kwargs)
+        except BackPressureError as e:
+            raise OverloadedError(str(e)) from e
+        except Exception as e:
+            raise unwrap(e) from e
+
+    async def stream(self, method: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        response: DeploymentResponseGenerator = getattr(
+            self._handle.options(stream=True), method
+        ).remote(*args, **kwargs)
+        try:
+            async for item in response:
+                yield item
+        except BackPressureError as e:
+            raise OverloadedError(str(e)) from e
+        except Exception as e:
+            raise unwrap(e) from e
+        finally:
+            # Client gone or stream done: cancel the replica-side generator (no-op if done).
+            response.cancel()
+
+
+class _LLMReplica(LLMServer):
+    """An ``LLMServer`` as a Ray Serve replica."""
+
+    async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
+        super().__init__(ModelConfig.model_validate(config))
+        await self.start()
+
+    async def check_health(self) -> None:
+        # Ray calls this periodically; a dead engine makes the replica unhealthy.
+        await self.health()
+
+
+class _IngressReplica:
+    """The FastAPI ingress; it holds a handle per service."""
+
+    def __init__(self, args: dict[str, Any], handles: dict[str, DeploymentHandle]):
+        self._app = create_app(
+            AppArgs.model_validate(args), {k: RayHandle(h) for k, h in handles.items()}
+        )
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return self._app
+
+
+LLMDeployment = serve.deployment(ray_actor_options={"num_cpus": 0.5})(_LLMReplica)
+IngressDeployment = serve.deployment(ray_actor_options={"num_cpus": 0.25})(
+    serve.ingress()(_IngressReplica)
+)
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The typed app builder: ``args`` (the Serve config's ``args:``) -> the bound graph."""
+    parsed = AppArgs.model_validate(args or {})
+    services = {
+        service: LLMDeployment.options(name=SERVICE_DEPLOYMENTS[service]).bind(
+            cfg.model_dump(mode="json")
+        )
+        for service, cfg in parsed.model_configs().items()
+    }
+    return IngressDeployment.options(name=INGRESS).bind(parsed.model_dump(mode="json"), services)
