@@ -1,0 +1,86 @@
+"""Shared fixtures. Tests are organised by cost:
+
+- ``tests/unit``: fakes and single engines in-process (fast);
+- ``tests/contract``: the HTTP contract, run against every target that runs here
+  (in-process app, real Ray Serve; more targets join via ``CONTRACT_TARGETS``);
+- ``tests/integration``: real Ray Serve specifics and the ``serve run config.yaml`` e2e.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Smoke models are built once into the repo's .cache (ignored by git) and shared by every
+# process the tests start, Ray workers included (they inherit the environment).
+os.environ.setdefault("SERVE_APPS_CACHE_DIR", str(REPO / ".cache" / "serve_apps"))
+
+
+@pytest.fixture(scope="session")
+def settings():
+    from serve_apps.config import Settings
+
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def smoke_llm_dir(settings) -> Path:
+    from serve_apps.engines.smoke import smoke_llm_path
+
+    return smoke_llm_path(settings.cache_dir)
+
+
+@pytest.fixture(scope="session")
+async def smoke_engine(smoke_llm_dir):
+    """One started transformers engine on the smoke model, shared by the unit tests."""
+    from serve_apps.engines.transformers_llm import TransformersEngine
+
+    engine = TransformersEngine(str(smoke_llm_dir), max_batch_size=8)
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The app the HTTP contract suite runs against, on every target: smoke models, small limits.
+CONTRACT_ARGS = {
+    "llm": {"served_model_name": "smoke-llm", "default_max_tokens": 16},
+    "codegen": {"served_model_name": "smoke-codegen", "default_max_tokens": 64},
+    "limits": {"max_tokens": 512, "max_request_bytes": 65536},
+}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A fresh local Ray cluster for this test session (never an existing one)."""
+    import ray
+
+    # Logical CPUs: replicas ask for fractions, the machine may have only 2 cores.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_serve_url(ray_cluster):
+    """The contract app deployed with real Ray Serve; yields its HTTP base URL."""
+    from ray import serve
+
+    from serve_apps.ray_app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(CONTRACT_ARGS), name="contract", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()

@@ -1,0 +1,98 @@
+"""The engine contract (serve_apps/engines/base.py), checked on every engine that runs here."""
+
+import asyncio
+
+import pytest
+
+from serve_apps.engines.base import Constraint, GenerationRequest, SamplingParams
+from serve_apps.errors import ConstraintError, ContextLengthError, UnsupportedError
+from tests.fakes import FakeEngine
+
+
+@pytest.fixture(params=["fake", "transformers"])
+async def engine(request, smoke_engine):
+    if request.param == "fake":
+        eng = FakeEngine(reply="alpha beta gamma delta epsilon zeta eta theta iota kappa")
+        await eng.start()
+        return eng
+    return smoke_engine
+
+
+def req(max_tokens=8, **kw):
+    constraint = kw.pop("constraint", None)
+    images = kw.pop("images", ())
+    return GenerationRequest(
+        prompt=kw.pop("prompt", "hello there"),
+        sampling=SamplingParams(
+            max_tokens=max_tokens, temperature=kw.pop("temperature", 0.0), **kw
+        ),
+        constraint=constraint,
+        images=images,
+    )
+
+
+async def collect(engine, request):
+    return [out async for out in engine.generate(request)]
+
+
+async def test_stream_deltas_add_up_to_the_full_result(engine):
+    outs = await collect(engine, req(max_tokens=6))
+    full = await engine.generate_full(req(max_tokens=6))
+    assert "".join(o.text for o in outs) == full.text
+    assert [o.finish_reason for o in outs[:-1]] == [None] * (len(outs) - 1)
+    assert outs[-1].finish_reason in ("stop", "length")
+    totals = [o.completion_tokens for o in outs]
+    assert totals == sorted(totals) and totals[-1] == full.completion_tokens
+    assert sum(len(o.token_ids) for o in outs) == full.completion_tokens
+
+
+async def test_max_tokens_ends_with_length(engine):
+    out = await engine.generate_full(req(max_tokens=3))
+    assert out.finish_reason == "length" and out.completion_tokens == 3
+
+
+async def test_stop_string_ends_with_stop_and_is_not_in_the_text(engine):
+    free = await engine.generate_full(req(max_tokens=12))
+    assert len(free.text) >= 12, free.text
+    stop = free.text[8:11]
+    out = await engine.generate_full(req(max_tokens=12, stop=(stop,)))
+    assert out.finish_reason == "stop"
+    assert out.text == free.text[: free.text.index(stop)]
+    assert stop not in out.text
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [Constraint("regex", "(unclosed"), Constraint("json_schema", {"type": 12})],
+)
+async def test_invalid_constraint_fails_before_the_first_output(engine, bad):
+    stream = engine.generate(req(constraint=bad))
+    with pytest.raises(ConstraintError):
+        await anext(stream)
+
+
+async def test_context_overflow_fails_before_the_first_output(engine):
+    too_many = engine.info().max_model_len
+    with pytest.raises(ContextLengthError):
+        await anext(engine.generate(req(max_tokens=too_many)))
+
+
+async def test_images_to_a_text_model_are_unsupported(engine):
+    with pytest.raises(UnsupportedError):
+        await anext(engine.generate(req(images=[object()])))
+
+
+async def test_closing_the_stream_cancels_the_request(engine):
+    stream = engine.generate(req(max_tokens=400 if not isinstance(engine, FakeEngine) else 8))
+    first = await anext(stream)
+    assert first.finish_reason is None
+    await stream.aclose()
+    if isinstance(engine, FakeEngine):
+        assert len(engine.cancelled) == 1
+        return
+    before = engine.stats()["tokens_generated"]
+    # The engine keeps serving, and the cancelled request stopped generating long before 400.
+    out = await engine.generate_full(req(max_tokens=2))
+    assert out.completion_tokens == 2
+    await asyncio.sleep(0.2)
+    assert engine.stats()["tokens_generated"] - before < 100

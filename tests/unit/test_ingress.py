@@ -1,0 +1,188 @@
+"""The ingress on fake engines, in-process: routing, the error envelope, streaming rules."""
+
+import httpx
+import pytest
+
+from serve_apps.config import AppArgs
+from serve_apps.engines.base import GenerationOutput
+from serve_apps.errors import EngineError
+from serve_apps.handles import LocalHandle
+from serve_apps.ingress import create_app
+from serve_apps.servers.llm import LLMServer
+from tests.fakes import FakeEngine
+from tests.helpers import assert_envelope, sse_events
+
+ARGS = AppArgs.model_validate(
+    {
+        "llm": {"served_model_name": "fake-llm"},
+        "codegen": {"served_model_name": "fake-codegen"},
+        "limits": {"max_tokens": 100, "max_request_bytes": 4096},
+    }
+)
+
+
+class FailingMidStream(FakeEngine):
+    async def generate(self, request):
+        n = 0
+        async for out in super().generate(request):
+            n += 1
+            if n == 3:
+                raise EngineError("the GPU caught fire")
+            yield out
+
+
+@pytest.fixture
+async def client():
+    servers = {
+        "llm": LLMServer(ARGS.llm, engine=FakeEngine(reply="one two three four five six")),
+        "codegen": LLMServer(ARGS.codegen, engine=FailingMidStream(reply='{"a": 1} x y z')),
+    }
+    for s in servers.values():
+        await s.start()
+    app = create_app(ARGS, {k: LocalHandle(v) for k, v in servers.items()})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        yield c
+
+
+def chat(model="fake-llm", **kw):
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+async def test_routes_by_model_name(client):
+    a = (await client.post("/v1/chat/completions", json=chat())).json()
+    assert (
+        a["model"] == "fake-llm"
+        and a["choices"][0]["message"]["content"] == "one two three four five six"
+    )
+    b = (
+        await client.post(
+            "/v1/completions", json={"model": "fake-codegen", "prompt": "p", "max_tokens": 2}
+        )
+    ).json()
+    assert b["model"] == "fake-codegen" and b["choices"][0]["text"] == '{"a": 1}'
+
+
+async def test_generate_defaults_to_the_codegen_model_and_reports_the_constraint_verdict(client):
+    r = await client.post(
+        "/v1/generate",
+        json={"prompt": "p", "constraints": {"json_schema": {"type": "object"}}, "max_tokens": 2},
+    )
+    body = r.json()
+    assert r.status_code == 200 and body["metadata"]["model"] == "fake-codegen"
+    assert body["generated_text"] == '{"a": 1}' and body["finish_reason"] == "length"
+    assert body["constraint_satisfied"] is True  # the fake checks the text for real
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "code", "param"),
+    [
+        (
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "invalid_json",
+            None,
+        ),
+        ({"json": chat(temperature="hot")}, 400, "invalid_value", "temperature"),
+        ({"json": {"model": "fake-llm"}}, 400, "invalid_value", "messages"),
+        ({"json": chat(n=2)}, 400, "invalid_value", "n"),
+        ({"json": chat(max_tokens=101)}, 400, "context_length_exceeded", "max_tokens"),
+        ({"json": chat(model="gpt-9")}, 404, "model_not_found", "model"),
+        ({"json": chat(constraints={"regex": "(unclosed"})}, 400, "invalid_constraint", "regex"),
+        (
+            {
+                "json": chat(
+                    messages=[
+                        {
+                            "role": "user",
+                            "content": [{"type": "image_url", "image_url": {"url": "data:,"}}],
+                        }
+                    ]
+                )
+            },
+            400,
+            "unsupported",
+            "messages",
+        ),
+    ],
+)
+async def test_bad_chat_requests_get_the_envelope(client, request_kwargs, status, code, param):
+    r = await client.post("/v1/chat/completions", **request_kwargs)
+    err = assert_envelope(r, status, code)
+    assert err["param"] == param
+    # ...and the service keeps answering.
+    assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
+
+
+async def test_generate_rejects_unknown_fields_and_missing_constraints(client):
+    r = await client.post(
+        "/v1/generate", json={"prompt": "p", "constraints": {"regex": "a"}, "max_token": 3}
+    )
+    assert assert_envelope(r, 400, "invalid_value")["param"] == "max_token"
+    r = await client.post("/v1/generate", json={"prompt": "p", "constraints": {}})
+    assert "exactly one" in assert_envelope(r, 400, "invalid_value")["message"]
+
+
+async def test_oversize_bodies_are_413_whether_declared_or_streamed(client):
+    big = {"model": "fake-llm", "messages": [{"role": "user", "content": "x" * 5000}]}
+    assert_envelope(await client.post("/v1/chat/completions", json=big), 413, "payload_too_large")
+
+    async def chunks():
+        for _ in range(10):
+            yield b"x" * 1000
+
+    r = await client.post(
+        "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert_envelope(r, 413, "payload_too_large")
+
+
+async def test_unknown_routes_and_methods_use_the_envelope(client):
+    assert_envelope(await client.get("/v1/nothing"), 404)
+    assert_envelope(await client.get("/v1/chat/completions"), 405)
+
+
+async def test_stream_errors_before_the_first_byte_set_the_status(client):
+    r = await client.post(
+        "/v1/chat/completions", json=chat(stream=True, constraints={"regex": "(x"})
+    )
+    assert_envelope(r, 400, "invalid_constraint")
+
+
+async def test_stream_errors_after_the_first_byte_are_sent_in_band_and_terminated(client):
+    r = await client.post("/v1/chat/completions", json=chat(model="fake-codegen", stream=True))
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == "engine_error"
+    assert "caught fire" in events[-2]["error"]["message"]
+
+
+async def test_stream_chunks_follow_openai(client):
+    r = await client.post(
+        "/v1/chat/completions", json=chat(stream=True, stream_options={"include_usage": True})
+    )
+    events = sse_events(r.text)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(e["choices"][0]["delta"]["content"] or "" for e in events[:-2])
+    assert text == "one two three four five six"
+    assert events[-3]["choices"][0]["finish_reason"] == "stop"
+    assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 6
+    assert events[-1] == "[DONE]"
+
+
+async def test_models_and_health(client):
+    models = (await client.get("/v1/models")).json()
+    assert {m["id"]: m["service"] for m in models["data"]} == {
+        "fake-llm": "llm",
+        "fake-codegen": "codegen",
+    }
+    assert all(m["smoke"] and "meaningless" in m["description"] for m in models["data"])
+    assert (await client.get("/health")).json() == {
+        "status": "ok",
+        "models": ["fake-codegen", "fake-llm"],
+    }
+
+
+def test_output_type_is_what_the_contract_says():
+    assert GenerationOutput("", [], 0, 0).finish_reason is None

@@ -1,0 +1,133 @@
+"""The transformers engine's batching, sampling and constraints on the smoke model."""
+
+import asyncio
+import hashlib
+import json
+import re
+
+import jsonschema
+
+from serve_apps.engines.base import Constraint, GenerationRequest, SamplingParams
+
+PROMPTS = [
+    "hello there",
+    "The quick brown fox jumps over the lazy dog and keeps running far away",
+    "a",
+    "What is the capital of France?",
+]
+
+
+def greedy(prompt, n=24, **kw):
+    return GenerationRequest(prompt, SamplingParams(max_tokens=n, temperature=0.0), **kw)
+
+
+async def test_batched_generation_equals_generation_alone(smoke_engine):
+    """Joining a running batch (left padding, cache merge, row removal) changes no token."""
+    alone = [(await smoke_engine.generate_full(greedy(p))).token_ids for p in PROMPTS]
+
+    async def staggered(i, prompt):
+        await asyncio.sleep(0.01 * i)  # requests join while others are mid-generation
+        return await smoke_engine.generate_full(greedy(prompt, n=24 - 3 * i))
+
+    together = await asyncio.gather(*(staggered(i, p) for i, p in enumerate(PROMPTS)))
+    for i, (a, b) in enumerate(zip(alone, together, strict=True)):
+        assert b.token_ids == a[: 24 - 3 * i]
+
+
+async def test_concurrent_requests_share_decode_steps(smoke_engine):
+    before = smoke_engine.stats()
+    await asyncio.gather(*(smoke_engine.generate_full(greedy(p, n=32)) for p in PROMPTS))
+    after = smoke_engine.stats()
+    steps = after["decode_steps"] - before["decode_steps"]
+    tokens = after["tokens_generated"] - before["tokens_generated"]
+    assert tokens == 4 * 32
+    # One after another would take ~4*31 decode steps; batched they overlap.
+    assert steps < 2 * 31
+    assert after["max_batch_size"] >= 2
+
+
+async def test_seeded_sampling_is_reproducible(smoke_engine):
+    def sampled(seed):
+        return GenerationRequest(
+            "tell me", SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, seed=seed)
+        )
+
+    a = await smoke_engine.generate_full(sampled(7))
+    b = await smoke_engine.generate_full(sampled(7))
+    c = await smoke_engine.generate_full(sampled(8))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "pets", "ok"],
+    "additionalProperties": False,
+}
+
+
+async def test_json_schema_output_always_validates(smoke_engine):
+    for seed in range(4):
+        out = await smoke_engine.generate_full(
+            GenerationRequest(
+                "json please",
+                SamplingParams(max_tokens=200, temperature=1.0, seed=seed),
+                constraint=Constraint("json_schema", SCHEMA),
+            )
+        )
+        assert out.finish_reason == "stop", out
+        assert out.constraint_satisfied is True
+        jsonschema.validate(json.loads(out.text), SCHEMA)
+
+
+async def test_regex_and_grammar_outputs_match(smoke_engine):
+    regex = r"[A-Z][a-z]{2,5}-[0-9]{3}"
+    out = await smoke_engine.generate_full(
+        GenerationRequest(
+            "id:",
+            SamplingParams(max_tokens=40, temperature=1.0, seed=3),
+            Constraint("regex", regex),
+        )
+    )
+    assert out.constraint_satisfied and re.fullmatch(regex, out.text), out
+    grammar = (
+        'start: "SELECT " COL " FROM " TABLE ";"\nCOL: "name" | "age" | "*"\nTABLE: /[a-z]{1,8}/'
+    )
+    out = await smoke_engine.generate_full(
+        GenerationRequest(
+            "sql:",
+            SamplingParams(max_tokens=40, temperature=1.0, seed=4),
+            Constraint("grammar", grammar),
+        )
+    )
+    assert out.finish_reason == "stop" and out.constraint_satisfied, out
+    assert re.fullmatch(r"SELECT (name|age|\*) FROM [a-z]{1,8};", out.text), out.text
+
+
+async def test_output_cut_by_max_tokens_says_so(smoke_engine):
+    out = await smoke_engine.generate_full(
+        GenerationRequest(
+            "json",
+            SamplingParams(max_tokens=3, temperature=1.0, seed=0),
+            Constraint("json_schema", SCHEMA),
+        )
+    )
+    assert out.finish_reason == "length"
+    assert out.constraint_satisfied is False
+
+
+def test_the_smoke_model_is_rebuilt_identically_from_its_seed(tmp_path, smoke_llm_dir):
+    from serve_apps.engines.smoke import build_smoke_llm
+
+    build_smoke_llm(tmp_path)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        digest = [
+            hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (tmp_path, smoke_llm_dir)
+        ]
+        assert digest[0] == digest[1], name
