@@ -24,7 +24,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SMOKE_LLM_VERSION = 1
+SMOKE_LLM_VERSION = 2
 DEFAULT_SEED = 0
 
 # Qwen2.5's special tokens (the VL ones included, so vision models can share the tokenizer).
@@ -99,8 +99,10 @@ def build_smoke_llm(out_dir: Path, seed: int = DEFAULT_SEED) -> None:
     eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     config = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=176,
+        # head_dim 32: the smallest head size vLLM's CPU attention runs, so the vLLM
+        # backend can serve this same model.
+        hidden_size=128,
+        intermediate_size=352,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
