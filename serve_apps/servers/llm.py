@@ -178,12 +178,12 @@ class LLMServer:
                 id=rid, created=created, model=model, choices=[], usage=_usage(last)
             )
 
-    async def completion(self, req: CompletionRequest) -> CompletionResponse:
-        gen = self._completion_request(req)
-        out = await self._engine.generate_full(gen)
+    def _completion(
+        self, rid: str, created: int, out: GenerationOutput, usage: Usage | None = None
+    ) -> CompletionResponse:
         return CompletionResponse(
-            id=f"cmpl-{gen.request_id}",
-            created=int(time.time()),
+            id=rid,
+            created=created,
             model=self.config.served_model_name,
             choices=[
                 CompletionChoice(
@@ -192,8 +192,13 @@ class LLMServer:
                     constraint_satisfied=out.constraint_satisfied,
                 )
             ],
-            usage=_usage(out),
+            usage=usage,
         )
+
+    async def completion(self, req: CompletionRequest) -> CompletionResponse:
+        gen = self._completion_request(req)
+        out = await self._engine.generate_full(gen)
+        return self._completion(f"cmpl-{gen.request_id}", int(time.time()), out, _usage(out))
 
     async def completion_stream(self, req: CompletionRequest) -> AsyncIterator[CompletionResponse]:
         gen = self._completion_request(req)
@@ -201,18 +206,7 @@ class LLMServer:
         last: GenerationOutput | None = None
         async for out in self._engine.generate(gen):
             last = out
-            yield CompletionResponse(
-                id=rid,
-                created=created,
-                model=self.config.served_model_name,
-                choices=[
-                    CompletionChoice(
-                        text=out.text,
-                        finish_reason=out.finish_reason,
-                        constraint_satisfied=out.constraint_satisfied,
-                    )
-                ],
-            )
+            yield self._completion(rid, created, out)
         if last is not None and req.stream_options and req.stream_options.include_usage:
             yield CompletionResponse(
                 id=rid,
