@@ -1,0 +1,141 @@
+"""``python -m cluster``: lint a Serve config, render the KubeRay manifests, render the
+fake multi-node cluster config.
+
+    python -m cluster lint FILE [FILE ...]           strict lint; exit 1 on any error
+    python -m cluster render [--config FILE] --cloud gke|eks [-o OUT]
+                                                     one RayService (base + that cloud's workers)
+    python -m cluster render --k8s [--check]         write (or check) the k8s/ tree
+    python -m cluster fake-cluster [--config FILE] [--cloud gke] --gcs-address HOST:PORT
+                                                     the fake_multinode autoscaler YAML
+    python -m cluster plan [--config FILE]           the worker-group bounds and why
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .findings import errors
+from .pools import CLOUDS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    lint = sub.add_parser("lint", help="strict lint of Serve config files")
+    lint.add_argument("files", nargs="+", type=Path)
+
+    render = sub.add_parser("render", help="render the RayService / the k8s/ tree")
+    render.add_argument(
+        "--config", type=Path, default=None, help="default: cluster/serve-prod.yaml"
+    )
+    render.add_argument("--cloud", choices=CLOUDS)
+    render.add_argument("-o", "--output", type=Path)
+    render.add_argument("--k8s", action="store_true", help="write the whole k8s/ tree")
+    render.add_argument("--check", action="store_true", help="with --k8s: fail on drift")
+
+    fake = sub.add_parser("fake-cluster", help="render the fake_multinode cluster YAML")
+    fake.add_argument("--config", type=Path, default=None)
+    fake.add_argument("--cloud", choices=CLOUDS, default="gke")
+    fake.add_argument("--gcs-address", required=True)
+    fake.add_argument("-o", "--output", type=Path)
+
+    plan_cmd = sub.add_parser("plan", help="worker-group bounds per cloud, with the reasons")
+    plan_cmd.add_argument("--config", type=Path, default=None)
+
+    args = parser.parse_args(argv)
+    if args.command == "lint":
+        return _lint(args.files)
+    if args.command == "render":
+        return _render(args)
+    if args.command == "fake-cluster":
+        return _fake(args)
+    return _plan(args)
+
+
+def _lint(files: list[Path]) -> int:
+    from .lint import lint_file
+
+    failed = False
+    for path in files:
+        findings = lint_file(path)
+        for f in findings:
+            print(f"{path}: {f}")
+        n_err = len(errors(findings))
+        print(f"{path}: {n_err} error(s), {len(findings) - n_err} warning(s)")
+        failed |= n_err > 0
+    return 1 if failed else 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from .render import (
+        PROD_CONFIG,
+        RenderError,
+        drift,
+        load_config,
+        render_rayservice,
+        render_tree,
+        to_yaml,
+        write_tree,
+    )
+
+    config_path = args.config or PROD_CONFIG
+    try:
+        if args.k8s:
+            files = render_tree(config_path)
+            if args.check:
+                problems = drift(files)
+                for p in problems:
+                    print(p, file=sys.stderr)
+                if problems:
+                    print("k8s/ drifted: run `python -m cluster render --k8s`", file=sys.stderr)
+                return 1 if problems else 0
+            write_tree(files)
+            print(f"wrote {len(files)} files under k8s/")
+            return 0
+        if args.cloud is None:
+            print("render: give --cloud (or --k8s)", file=sys.stderr)
+            return 2
+        rendered = render_rayservice(load_config(config_path), args.cloud)
+    except RenderError as e:
+        print(e, file=sys.stderr)
+        return 1
+    text = to_yaml(rendered.rayservice.dump())
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _fake(args: argparse.Namespace) -> int:
+    from .fake_cluster import fake_cluster_yaml
+    from .render import PROD_CONFIG, load_config
+
+    text = fake_cluster_yaml(load_config(args.config or PROD_CONFIG), args.cloud, args.gcs_address)
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .render import PROD_CONFIG, load_config, preflight
+
+    config = load_config(args.config or PROD_CONFIG)
+    status = 0
+    for cloud in CLOUDS:
+        groups, findings = preflight(config, cloud)
+        for g in groups:
+            print(g.explain())
+        for f in errors(findings):
+            print(f, file=sys.stderr)
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
