@@ -364,5 +364,5 @@ def modal_gpu(ray_actor_options: Mapping[str, Any] | None) -> str | list[str] | 
 
 
 def _closest(word: str, choices: list[str]) -> str | None:
-    matches = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    matches = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return matches[0] if matches else None

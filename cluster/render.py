@@ -142,8 +142,10 @@ def preflight(config: Mapping[str, Any], cloud: Cloud | None) -> tuple[list[Grou
         findings.append(
             Finding("error", "proxy_location", "no HTTP proxy: nothing would serve", "EveryNode")
         )
-    if errors(findings):
-        return [], findings
+    if any(
+        f.severity == "error" and not f.path.startswith(("http_options", "proxy")) for f in findings
+    ):
+        return [], findings  # the config itself is broken: placement would only add noise
     deployments = resolve_deployments(config).deployments
     groups: list[GroupBounds] = []
     for c in CLOUDS if cloud is None else (cloud,):
