@@ -1,0 +1,553 @@
+"""The autoscaling simulation: the production graph's resource shape on a fake
+multi-node Ray cluster (:mod:`cluster.fake_cluster`), with CPU-sized engines.
+
+:func:`simulation_config` turns the production Serve config into the one the simulation
+deploys, keeping what decides scheduling and scaling (every deployment's
+``ray_actor_options`` (GPUs and accelerator types, now fake resources), replica bounds,
+``target_ongoing_requests``, ``max_ongoing_requests``) and changing only:
+
+- every model service's model to the embedded smoke model on the CPU (a service config
+  whose ``model`` is null serves the smoke model; generic over ``AppArgs`` fields);
+- the autoscaling delays to :data:`FAST_AUTOSCALING` (seconds instead of minutes);
+- HTTP: the proxy on the head only (fake nodes share one IP), on a free local port.
+
+:func:`run` starts the cluster, deploys through the dashboard's REST API (what KubeRay
+does with ``serveConfigV2``), applies a load step to every model service, and records a
+timeline until every deployment and every pool is back to its minimum. It writes a JSON
+report that the opt-in test lane (``tests/autoscaling``) asserts on and the benchmark
+(``bench/autoscaling.py``) summarises.
+
+    python -m cluster.simulate --out result.json [--load-s 60] [--cloud gke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .pools import POOLS, Cloud
+
+# Seconds instead of minutes. metrics_interval_s is deprecated but is what sets the metrics
+# push period in Ray 2.60. downscale_delay_s is long enough that a dip in the measured load
+# while a new replica is still starting (a cold start takes 10-30 s on a busy 2-core box)
+# does not cancel the scale-up.
+FAST_AUTOSCALING = {
+    "metrics_interval_s": 1.0,
+    "look_back_period_s": 5.0,
+    "upscale_delay_s": 1.0,
+    "downscale_delay_s": 15.0,
+    "downscale_to_zero_delay_s": 15.0,
+}
+IDLE_TIMEOUT_MINUTES = 0.1  # the fake autoscaler removes a node 6 s after it goes idle
+
+
+def pool_of_node(resources: Mapping[str, float]) -> str:
+    """A node's pool, by the marker resource it advertises (as the scheduler sees it)."""
+    for pool in POOLS:
+        if resources.get(pool.ray_resource):
+            return pool.name
+    return "?"
+
+
+def smoke_args(import_path: str | None, args: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``args`` with every model service on the embedded smoke model, on the CPU."""
+    from pydantic import BaseModel
+
+    from .lint import ARGS_MODELS
+    from .serve_config import import_builder
+
+    model_path = ARGS_MODELS.get(str(import_path))
+    if model_path is None:
+        raise ValueError(f"no typed args model for {import_path!r}: cannot swap in smoke models")
+    parsed = import_builder(model_path).model_validate(dict(args or {}))
+    update: dict[str, Any] = {}
+    for name in type(parsed).model_fields:
+        service = getattr(parsed, name)
+        if isinstance(service, BaseModel) and "model" in type(service).model_fields:
+            fields = type(service).model_fields
+            swap = {"model": None, "revision": None, "device": "cpu", "dtype": "auto"}
+            swap["max_model_len"] = None
+            swap["backend"] = "transformers"
+            update[name] = service.model_copy(update={k: v for k, v in swap.items() if k in fields})
+    result: dict[str, Any] = parsed.model_copy(update=update).model_dump(mode="json")
+    return result
+
+
+def simulation_config(prod: Mapping[str, Any], http_port: int, cache_dir: str) -> dict[str, Any]:
+    cfg = copy.deepcopy(dict(prod))
+    cfg["proxy_location"] = "HeadOnly"
+    cfg["http_options"] = {"host": "127.0.0.1", "port": http_port}
+    for app in cfg.get("applications") or []:
+        app["args"] = smoke_args(app.get("import_path"), app.get("args"))
+        env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        env.update(SERVE_APPS_CACHE_DIR=cache_dir, OMP_NUM_THREADS="1")
+        for d in app.get("deployments") or []:
+            if d.get("autoscaling_config"):
+                d["autoscaling_config"] = {**d["autoscaling_config"], **FAST_AUTOSCALING}
+    return cfg
+
+
+@dataclass
+class LoadPlan:
+    """One model service under load: the deployment, the model name, the concurrency."""
+
+    deployment: str
+    model: str
+    concurrency: int
+
+
+def load_plans(config: Mapping[str, Any], scale_by: int = 1) -> list[LoadPlan]:
+    """Concurrency per model service so Serve wants ``min_replicas + scale_by`` replicas
+    (Serve's target is ceil(ongoing / target_ongoing_requests)), capped at max."""
+    from serve_apps.config import AppArgs
+    from serve_apps.ray_app import SERVICE_DEPLOYMENTS
+
+    app = config["applications"][0]
+    args = AppArgs.model_validate(app.get("args") or {})
+    entries = {d["name"]: d for d in app.get("deployments") or []}
+    plans = []
+    for service, model_config in args.model_configs().items():
+        name = SERVICE_DEPLOYMENTS[service]
+        scaling = entries.get(name, {}).get("autoscaling_config") or {}
+        lo, hi = int(scaling.get("min_replicas", 1)), int(scaling.get("max_replicas", 1))
+        target = float(scaling.get("target_ongoing_requests", 2))
+        want = min(hi, lo + scale_by)
+        plans.append(LoadPlan(name, model_config.served_model_name, math.ceil(want * target)))
+    return plans
+
+
+# --- observation ----------------------------------------------------------------------
+
+
+class Observer:
+    """Polls the cluster (nodes and replicas) through the dashboard's HTTP APIs."""
+
+    def __init__(self, dashboard_url: str, app: str):
+        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+        self.url = dashboard_url
+        self.app = app
+        self.client = ServeSubmissionClient(dashboard_url)
+        self.samples: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        from ray.util.state import list_nodes
+
+        t = time.time()
+        nodes = {}
+        for n in list_nodes(
+            address=self.url, detail=True, limit=1000, raise_on_missing_output=False
+        ):
+            if n.state != "ALIVE":
+                continue
+            resources = n.resources_total or {}
+            nodes[n.node_id] = "head" if n.is_head_node else pool_of_node(resources)
+        details = self.client.get_serve_details()
+        deployments: dict[str, Any] = {}
+        app = (details.get("applications") or {}).get(self.app) or {}
+        for name, d in (app.get("deployments") or {}).items():
+            deployments[name] = {
+                "status": d.get("status"),
+                "replicas": [
+                    {
+                        "id": r.get("replica_id"),
+                        "state": r.get("state"),
+                        "node": r.get("node_id"),
+                        "pool": nodes.get(r.get("node_id") or "", "?"),
+                    }
+                    for r in d.get("replicas") or []
+                ],
+            }
+        pools: dict[str, int] = {}
+        for group in nodes.values():
+            pools[group] = pools.get(group, 0) + 1
+        return {
+            "t": t,
+            "app_status": app.get("status"),
+            "pools": pools,
+            "deployments": deployments,
+        }
+
+    def poll(self, period_s: float = 0.5) -> None:
+        while not self._stop.is_set():
+            try:
+                self.samples.append(self.snapshot())
+            except Exception as e:  # a slow dashboard: note it, keep polling
+                self.samples.append({"t": time.time(), "error": repr(e)[:200]})
+            self._stop.wait(period_s)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.poll, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def running(sample: Mapping[str, Any], deployment: str) -> list[dict[str, Any]]:
+    d = (sample.get("deployments") or {}).get(deployment) or {}
+    return [r for r in d.get("replicas") or [] if r.get("state") == "RUNNING"]
+
+
+def all_replicas(sample: Mapping[str, Any], deployment: str) -> list[dict[str, Any]]:
+    d = (sample.get("deployments") or {}).get(deployment) or {}
+    return list(d.get("replicas") or [])
+
+
+# --- load -----------------------------------------------------------------------------
+
+
+async def _load(
+    base_url: str, plans: list[LoadPlan], duration_s: float, max_tokens: int, max_requests: int
+) -> list[dict[str, Any]]:
+    """Closed-loop clients per plan for ``duration_s`` (and at most ``max_requests``)."""
+    import httpx
+
+    results: list[dict[str, Any]] = []
+    sent = 0
+    t_end = time.time() + duration_s
+    total = sum(p.concurrency for p in plans)
+    limits = httpx.Limits(max_connections=total, max_keepalive_connections=total)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=300.0) as client:
+
+        async def worker(plan: LoadPlan, i: int) -> None:
+            nonlocal sent
+            while time.time() < t_end and sent < max_requests:
+                sent += 1
+                t0 = time.time()
+                body = {
+                    "model": plan.model,
+                    "messages": [{"role": "user", "content": f"load step {i} {sent}"}],
+                    "max_tokens": max_tokens,
+                    "temperature": 1.0,
+                }
+                try:
+                    r = await client.post("/v1/chat/completions", json=body)
+                    status: Any = r.status_code
+                except Exception as e:
+                    status = repr(e)[:100]
+                results.append(
+                    {"deployment": plan.deployment, "t0": t0, "t1": time.time(), "status": status}
+                )
+
+        await asyncio.gather(*(worker(p, i) for p in plans for i in range(p.concurrency)))
+    return results
+
+
+# --- logs -----------------------------------------------------------------------------
+
+_CONTROLLER_LINE = re.compile(r"\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) controller \d+ -- (.*)")
+_LOG_TS = re.compile(r"^\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) ")
+_MONITOR_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\s+INFO \S+ -- (.*)")
+
+
+def _ts(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def serve_decisions(logs: Path) -> list[tuple[float, str, str]]:
+    """(time, deployment, 'Upscaling ...'/'Downscaling ...') from the controller log."""
+    out = []
+    for path in sorted((logs / "serve").glob("controller_*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            m = _CONTROLLER_LINE.match(line)
+            if not m or not re.match(r"(Upscaling|Downscaling)", m.group(2)):
+                continue
+            dm = re.search(r"name='([^']+)'", m.group(2))
+            out.append((_ts(m.group(1)), dm.group(1) if dm else "?", m.group(2)[:160]))
+    return out
+
+
+def autoscaler_launches(logs: Path) -> list[tuple[float, str]]:
+    """(time, message) of the autoscaler's 'Queue N new nodes for launch' lines."""
+    path = logs / "monitor.log"
+    out = []
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            m = _MONITOR_LINE.match(line)
+            if m and "new nodes for launch" in m.group(2):
+                out.append((_ts(m.group(1)), m.group(2)[:160]))
+    return out
+
+
+def first_served(logs: Path, app: str, deployment: str, replica_id: str) -> float | None:
+    """When a replica finished its first request (its own access log line), or None."""
+    for path in (logs / "serve").glob(f"replica_{app}_{deployment}_{replica_id}*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            m = _LOG_TS.match(line)
+            if m and re.search(r"\b(OK|ERROR)\b \d+(\.\d+)?ms", line):
+                return _ts(m.group(1))
+    return None
+
+
+# --- the scenario -----------------------------------------------------------------------
+
+
+def run(
+    prod_config: Mapping[str, Any],
+    *,
+    cloud: Cloud = "gke",
+    load_s: float = 60.0,
+    max_tokens: int = 256,
+    scale_by: int = 1,
+    deploy_timeout_s: float = 420.0,
+    settle_timeout_s: float = 300.0,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
+    """Start the fake cluster, deploy, load step, observe the way back; return a report."""
+    from serve_apps.engines.smoke import smoke_llm_path
+
+    from .fake_cluster import FakeCluster, cluster_groups
+
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="serve-apps-sim-"))
+    # Ray reads its auth settings once, when first imported: set them before that.
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(workdir / "auth_token")
+    os.environ.pop("RAY_ADDRESS", None)
+    if "ray" in sys.modules:
+        raise RuntimeError("run() must start before Ray is imported (python -m cluster.simulate)")
+    cache_dir = workdir / "model-cache"
+    smoke_llm_path(cache_dir)  # build once, shared by every fake node (like the PVC)
+    groups = cluster_groups(prod_config, cloud)
+    env = {"SERVE_APPS_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    cluster = FakeCluster(workdir, groups, idle_timeout_minutes=IDLE_TIMEOUT_MINUTES, env=env)
+    sim = simulation_config(prod_config, cluster.http_port, str(cache_dir))
+    app_name = sim["applications"][0]["name"]
+    plans = load_plans(sim, scale_by)
+    pool_of = {d.name: g.pool.name for g in groups for d in g.deployments}
+    min_nodes = {g.pool.name: g.min_nodes for g in groups}
+    bounds = {d.name: (d.min_replicas, d.max_replicas) for g in groups for d in g.deployments}
+    report: dict[str, Any] = {
+        "cloud": cloud,
+        "settings": {
+            "serve_autoscaling": FAST_AUTOSCALING,
+            "autoscaler": {
+                "version": "v1 (fake_multinode)",
+                "AUTOSCALER_UPDATE_INTERVAL_S": 1,
+                "idle_timeout_s": IDLE_TIMEOUT_MINUTES * 60,
+            },
+            "load_s": load_s,
+            "max_tokens": max_tokens,
+            "plans": [p.__dict__ for p in plans],
+        },
+        "pool_of": pool_of,
+        "bounds": bounds,
+        "min_nodes": min_nodes,
+        "max_nodes": {g.pool.name: g.max_nodes for g in groups},
+    }
+    observer: Observer | None = None
+    try:
+        cluster.start()
+        for k, v in cluster.client_env().items():  # the address is known now
+            os.environ[k] = v
+        observer = Observer(cluster.dashboard_url, app_name)
+        t_deploy = time.time()
+        _deploy(observer, sim, deploy_timeout_s)
+        report["deploy_s"] = time.time() - t_deploy
+        baseline = _settle_baseline(observer, bounds, min_nodes, settle_timeout_s)
+        report["baseline"] = baseline
+        base_ids = {name: {r["id"] for r in all_replicas(baseline, name)} for name in bounds}
+        observer.start()
+        t0 = time.time()
+        results = asyncio.run(
+            _load(f"http://127.0.0.1:{cluster.http_port}", plans, load_s, max_tokens, 20000)
+        )
+        t_load_end = time.time()
+        _wait_back(observer, bounds, min_nodes, settle_timeout_s)
+        observer.stop()
+        report.update(
+            _analyse(observer.samples, results, cluster.logs, app_name, base_ids, t0, t_load_end)
+        )
+    finally:
+        if observer is not None:
+            observer.stop()
+        cluster.stop()
+    return report
+
+
+def _deploy(observer: Observer, config: Mapping[str, Any], timeout_s: float) -> None:
+    observer.client.deploy_applications(dict(config))
+    deadline = time.time() + timeout_s
+    last: Any = None
+    while time.time() < deadline:
+        try:
+            last = observer.snapshot()
+            if last.get("app_status") == "RUNNING":
+                return
+        except Exception as e:
+            last = repr(e)
+        time.sleep(2)
+    raise TimeoutError(f"the app did not reach RUNNING in {timeout_s:.0f} s; last: {last}")
+
+
+def _at_minimum(
+    sample: Mapping[str, Any], bounds: Mapping[str, Any], min_nodes: Mapping[str, int]
+) -> bool:
+    for name, (lo, _) in bounds.items():
+        reps = all_replicas(sample, name)
+        if len(reps) != lo or len(running(sample, name)) != lo:
+            return False
+    pools = sample.get("pools") or {}
+    return all(pools.get(p, 0) == n for p, n in min_nodes.items())
+
+
+def _settle_baseline(
+    observer: Observer, bounds: Mapping[str, Any], min_nodes: Mapping[str, int], timeout_s: float
+) -> dict[str, Any]:
+    deadline = time.time() + timeout_s
+    sample = observer.snapshot()
+    while time.time() < deadline and not _at_minimum(sample, bounds, min_nodes):
+        time.sleep(1)
+        sample = observer.snapshot()
+    return sample
+
+
+def _wait_back(
+    observer: Observer, bounds: Mapping[str, Any], min_nodes: Mapping[str, int], timeout_s: float
+) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        time.sleep(1)
+        if observer.samples and _at_minimum(observer.samples[-1], bounds, min_nodes):
+            time.sleep(2)  # a couple more samples at the minimum
+            return
+
+
+def _analyse(
+    samples: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    logs: Path,
+    app: str,
+    base_ids: Mapping[str, set[str]],
+    t0: float,
+    t_load_end: float,
+) -> dict[str, Any]:
+    good = [s for s in samples if "error" not in s]
+    per: dict[str, Any] = {}
+    decisions = serve_decisions(logs)
+    launches = autoscaler_launches(logs)
+    for name, ids in base_ids.items():
+        new_ids: list[str] = []
+        placements: dict[str, str] = {}
+        peak = 0
+        t_running_more = None
+        for s in good:
+            reps = all_replicas(s, name)
+            for r in reps:
+                if r["id"] and r["id"] not in ids and r["id"] not in new_ids:
+                    new_ids.append(r["id"])
+                if r["id"] and r.get("pool") not in (None, "?"):
+                    placements[r["id"]] = r["pool"]
+            n_run = len(running(s, name))
+            peak = max(peak, n_run)
+            if t_running_more is None and n_run > len(ids) and s["t"] >= t0:
+                t_running_more = s["t"]
+        served = [first_served(logs, app, name, rid) for rid in new_ids]
+        served_t = sorted(t for t in served if t is not None)
+        ok = sorted(r["t1"] for r in results if r["deployment"] == name and r["status"] == 200)
+        up = [t for t, d, msg in decisions if d == name and msg.startswith("Upscaling") and t >= t0]
+        down = [
+            t for t, d, msg in decisions if d == name and msg.startswith("Downscaling") and t >= t0
+        ]
+        t_back = None
+        for s in good:
+            if s["t"] >= t_load_end and len(all_replicas(s, name)) == len(ids):
+                t_back = s["t"]
+                break
+        per[name] = {
+            "baseline_replicas": len(ids),
+            "peak_running": peak,
+            "new_replicas": new_ids,
+            "placements": placements,
+            "final_replicas": len(all_replicas(good[-1], name)) if good else None,
+            "requests": sum(1 for r in results if r["deployment"] == name),
+            "ok": len(ok),
+            "errors": sorted(
+                {
+                    str(r["status"])
+                    for r in results
+                    if r["deployment"] == name and r["status"] != 200
+                }
+            ),
+            "upscale_decision_s": up[0] - t0 if up else None,
+            "extra_replica_running_s": t_running_more - t0 if t_running_more else None,
+            "extra_replica_serving_s": served_t[0] - t0 if served_t else None,
+            "first_ok_s": ok[0] - t0 if ok else None,
+            "downscale_decision_after_load_s": (
+                min(t for t in down if t >= t_load_end) - t_load_end
+                if any(t >= t_load_end for t in down)
+                else None
+            ),
+            "replicas_back_after_load_s": t_back - t_load_end if t_back else None,
+        }
+    pools: dict[str, Any] = {}
+    names = sorted({p for s in good for p in (s.get("pools") or {})})
+    for p in names:
+        counts = [(s["t"], (s.get("pools") or {}).get(p, 0)) for s in good]
+        base = counts[0][1] if counts else 0
+        peak = max(c for _, c in counts) if counts else 0
+        t_more = next((t for t, c in counts if c > base and t >= t0), None)
+        t_back = next((t for t, c in counts if t >= t_load_end and c == base), None)
+        pools[p] = {
+            "baseline_nodes": base,
+            "peak_nodes": peak,
+            "final_nodes": counts[-1][1] if counts else None,
+            "node_added_s": t_more - t0 if t_more else None,
+            "nodes_back_after_load_s": t_back - t_load_end if t_back else None,
+        }
+    return {
+        "load_duration_s": t_load_end - t0,
+        "deployments": per,
+        "pools": pools,
+        "autoscaler_launches": [(t - t0, msg) for t, msg in launches if t >= t0 - 5],
+        "serve_decisions": [(t - t0, d, msg) for t, d, msg in decisions if t >= t0 - 5],
+        "samples": len(good),
+        "poll_errors": len(samples) - len(good),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .render import PROD_CONFIG, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m cluster.simulate")
+    parser.add_argument("--config", type=Path, default=PROD_CONFIG)
+    parser.add_argument("--cloud", choices=["gke", "eks"], default="gke")
+    parser.add_argument("--load-s", type=float, default=60.0)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--scale-by", type=int, default=1)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    report = run(
+        load_config(args.config),
+        cloud=args.cloud,
+        load_s=args.load_s,
+        max_tokens=args.max_tokens,
+        scale_by=args.scale_by,
+        workdir=args.workdir,
+    )
+    args.out.write_text(json.dumps(report, indent=1, default=str))
+    print(json.dumps({k: v for k, v in report.items() if k in ("deployments", "pools")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

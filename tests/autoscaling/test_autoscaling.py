@@ -1,0 +1,88 @@
+"""Autoscaling, simulated for real: the production graph's resource shape on a fake
+multi-node Ray cluster whose node types are the pools, with Ray's own autoscaler.
+
+One run of ``python -m cluster.simulate`` (start the cluster, deploy through the REST API
+KubeRay uses, apply a load step to every model service, watch until everything is back at
+its minimum); the tests assert on its report. Uses Ray's private fake_multinode provider:
+tested with ray==2.60.0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.autoscaling
+
+RAY_TESTED = "2.60.0"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    import importlib.metadata
+
+    version = importlib.metadata.version("ray")
+    assert version == RAY_TESTED, (
+        f"the autoscaling lane uses Ray's private fake_multinode provider and is tested with "
+        f"ray=={RAY_TESTED}; this is ray=={version}"
+    )
+    workdir = tmp_path_factory.mktemp("simulation")
+    out = workdir / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.simulate", "--workdir", str(workdir), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, f"simulation failed (logs in {workdir}):\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())
+
+
+def test_the_cluster_starts_at_the_minimum(report):
+    baseline = report["baseline"]
+    for pool, n in report["min_nodes"].items():
+        assert baseline["pools"].get(pool, 0) == n, (pool, baseline["pools"])
+    for name, (lo, _) in report["bounds"].items():
+        assert report["deployments"][name]["baseline_replicas"] == lo, name
+
+
+def test_every_replica_lands_on_its_pool(report):
+    for name, d in report["deployments"].items():
+        assert d["placements"], f"{name}: no replica observed"
+        pools = set(d["placements"].values())
+        assert pools == {report["pool_of"][name]}, (name, d["placements"])
+
+
+def test_serve_scales_up_under_load_and_the_new_replica_serves(report):
+    for plan in report["settings"]["plans"]:
+        d = report["deployments"][plan["deployment"]]
+        assert d["peak_running"] > d["baseline_replicas"], plan
+        assert d["upscale_decision_s"] is not None, plan
+        assert d["extra_replica_serving_s"] is not None, f"{plan}: no new replica served"
+        assert d["ok"] > 0 and d["errors"] == [], plan
+
+
+def test_scale_from_zero_where_min_is_zero(report):
+    from_zero = [n for n, (lo, _) in report["bounds"].items() if lo == 0]
+    assert from_zero, "the production config has a deployment with min_replicas 0"
+    for name in from_zero:
+        d = report["deployments"][name]
+        assert d["baseline_replicas"] == 0 and d["peak_running"] >= 1 and d["first_ok_s"], name
+
+
+def test_the_autoscaler_adds_pool_nodes_within_the_pool_bounds(report):
+    grown = [p for p, s in report["pools"].items() if s["peak_nodes"] > s["baseline_nodes"]]
+    assert grown, report["pools"]
+    assert report["autoscaler_launches"], "no 'Queue N new nodes for launch' after the load step"
+    for pool in grown:
+        assert report["pools"][pool]["peak_nodes"] <= report["max_nodes"][pool]
+
+
+def test_replicas_and_nodes_come_back_down(report):
+    for name, (lo, _) in report["bounds"].items():
+        assert report["deployments"][name]["final_replicas"] == lo, name
+    for pool, n in report["min_nodes"].items():
+        assert report["pools"][pool]["final_nodes"] == n, (pool, report["pools"][pool])

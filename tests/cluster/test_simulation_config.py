@@ -1,0 +1,96 @@
+"""The fake cluster and the simulation config, rendered from the same pools and bounds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from cluster.fake_cluster import HEAD_TYPE, cluster_groups, fake_cluster_config, session_pids
+from cluster.findings import errors
+from cluster.lint import lint_config
+from cluster.render import render_rayservice
+from cluster.simulate import FAST_AUTOSCALING, load_plans, simulation_config
+from serve_apps.config import AppArgs
+
+# Keys the v1 autoscaler cannot start without (it merges no defaults on this path).
+REQUIRED = {
+    "cluster_name",
+    "max_workers",
+    "idle_timeout_minutes",
+    "provider",
+    "head_node_type",
+    "available_node_types",
+    "file_mounts",
+    "cluster_synced_files",
+    "worker_setup_commands",
+    "worker_start_ray_commands",
+    "auth",
+}
+
+
+@pytest.mark.parametrize("cloud", ["gke", "eks"])
+def test_fake_node_types_are_the_worker_groups(cloud, prod_config):
+    groups = cluster_groups(prod_config, cloud)
+    fake = fake_cluster_config(groups, "127.0.0.1:1234")
+    assert set(fake) >= REQUIRED
+    assert fake["head_node_type"] == HEAD_TYPE
+    assert fake["provider"]["gcs_address"] == "127.0.0.1:1234"
+    types = fake["available_node_types"]
+    assert types[HEAD_TYPE]["resources"] == {"CPU": 0, "GPU": 0}
+    workers = render_rayservice(prod_config, cloud).rayservice.dump()["spec"]["rayClusterConfig"][
+        "workerGroupSpecs"
+    ]
+    assert set(types) - {HEAD_TYPE} == {w["groupName"] for w in workers}
+    for w in workers:
+        t = types[w["groupName"]]
+        assert (t["min_workers"], t["max_workers"]) == (w["minReplicas"], w["maxReplicas"])
+        params = w["rayStartParams"]
+        assert t["resources"]["CPU"] == int(params["num-cpus"])
+        assert t["resources"]["GPU"] == int(params["num-gpus"])
+        advertised = json.loads(params["resources"].strip("'"))
+        assert {k: v for k, v in t["resources"].items() if k in advertised} == advertised
+    assert fake["max_workers"] == sum(w["maxReplicas"] for w in workers)
+
+
+def test_simulation_config_keeps_the_shape_and_swaps_the_models(prod_config):
+    sim = simulation_config(prod_config, 18000, "/tmp/cache")
+    app, prod_app = sim["applications"][0], prod_config["applications"][0]
+    args = AppArgs.model_validate(app["args"])
+    for service in args.model_configs().values():
+        assert service.is_smoke and service.device == "cpu"
+    prod_args = AppArgs.model_validate(prod_app["args"])
+    for name, service in args.model_configs().items():
+        assert service.served_model_name == prod_args.model_configs()[name].served_model_name
+    for d, p in zip(app["deployments"], prod_app["deployments"], strict=True):
+        assert d["ray_actor_options"] == p["ray_actor_options"]
+        assert d["max_ongoing_requests"] == p["max_ongoing_requests"]
+        for key in ("min_replicas", "max_replicas", "target_ongoing_requests"):
+            assert d["autoscaling_config"][key] == p["autoscaling_config"][key]
+        assert d["autoscaling_config"].items() >= FAST_AUTOSCALING.items()
+    assert sim["proxy_location"] == "HeadOnly"
+    assert sim["http_options"] == {"host": "127.0.0.1", "port": 18000}
+    assert app["runtime_env"]["env_vars"]["SERVE_APPS_CACHE_DIR"] == "/tmp/cache"
+    assert errors(lint_config(sim)) == []
+
+
+def test_load_plans_ask_for_one_more_replica_of_each_model_service(prod_config):
+    plans = {p.deployment: p for p in load_plans(prod_config)}
+    assert set(plans) == {"LLM", "Codegen"}
+    assert plans["LLM"].concurrency == 2 * 16  # min 1 + 1, target 16
+    assert plans["Codegen"].concurrency == 1 * 4  # min 0 + 1, target 4
+    assert plans["LLM"].model == "qwen2.5-7b-instruct"
+
+
+def test_session_pids_finds_only_that_session():
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        assert session_pids(proc.pid) == [proc.pid]
+        assert os.getpid() not in session_pids(proc.pid)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert session_pids(proc.pid) == []
