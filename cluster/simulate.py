@@ -110,9 +110,13 @@ class LoadPlan:
     concurrency: int
 
 
-def load_plans(config: Mapping[str, Any], scale_by: int = 1) -> list[LoadPlan]:
+def load_plans(
+    config: Mapping[str, Any], scale_by: int = 1, headroom: float = 1.0
+) -> list[LoadPlan]:
     """Concurrency per model service so Serve wants ``min_replicas + scale_by`` replicas
-    (Serve's target is ceil(ongoing / target_ongoing_requests)), capped at max."""
+    (Serve's target is ceil(ongoing / target_ongoing_requests)), capped at max, times
+    ``headroom``: on a CPU-starved box part of the clients' requests wait in the proxy and
+    the ingress, so fewer are "ongoing" at the service's handle than clients are open."""
     from serve_apps.config import AppArgs
     from serve_apps.ray_app import SERVICE_DEPLOYMENTS
 
@@ -126,7 +130,8 @@ def load_plans(config: Mapping[str, Any], scale_by: int = 1) -> list[LoadPlan]:
         lo, hi = int(scaling.get("min_replicas", 1)), int(scaling.get("max_replicas", 1))
         target = float(scaling.get("target_ongoing_requests", 2))
         want = min(hi, lo + scale_by)
-        plans.append(LoadPlan(name, model_config.served_model_name, math.ceil(want * target)))
+        clients = math.ceil(want * target * headroom)
+        plans.append(LoadPlan(name, model_config.served_model_name, clients))
     return plans
 
 
@@ -308,6 +313,7 @@ def run(
     load_s: float = 60.0,
     max_tokens: int = 256,
     scale_by: int = 1,
+    headroom: float = 1.5,
     deploy_timeout_s: float = 420.0,
     settle_timeout_s: float = 300.0,
     workdir: Path | None = None,
@@ -331,7 +337,7 @@ def run(
     cluster = FakeCluster(workdir, groups, idle_timeout_minutes=IDLE_TIMEOUT_MINUTES, env=env)
     sim = simulation_config(prod_config, cluster.http_port, str(cache_dir))
     app_name = sim["applications"][0]["name"]
-    plans = load_plans(sim, scale_by)
+    plans = load_plans(sim, scale_by, headroom)
     pool_of = {d.name: g.pool.name for g in groups for d in g.deployments}
     min_nodes = {g.pool.name: g.min_nodes for g in groups}
     bounds = {d.name: (d.min_replicas, d.max_replicas) for g in groups for d in g.deployments}
@@ -346,6 +352,7 @@ def run(
             },
             "load_s": load_s,
             "max_tokens": max_tokens,
+            "headroom": headroom,
             "plans": [p.__dict__ for p in plans],
         },
         "pool_of": pool_of,
@@ -467,11 +474,12 @@ def _analyse(
         down = [
             t for t, d, msg in decisions if d == name and msg.startswith("Downscaling") and t >= t0
         ]
+        # None when the deployment was already back at its minimum when the load ended
+        # (it never scaled, or scaled down during the load: see downscales_during_load).
+        after = [s for s in good if s["t"] >= t_load_end]
         t_back = None
-        for s in good:
-            if s["t"] >= t_load_end and len(all_replicas(s, name)) == len(ids):
-                t_back = s["t"]
-                break
+        if after and len(all_replicas(after[0], name)) != len(ids):
+            t_back = next((s["t"] for s in after if len(all_replicas(s, name)) == len(ids)), None)
         per[name] = {
             "baseline_replicas": len(ids),
             "peak_running": peak,
@@ -497,6 +505,7 @@ def _analyse(
                 else None
             ),
             "replicas_back_after_load_s": t_back - t_load_end if t_back else None,
+            "downscales_during_load": sum(1 for t in down if t < t_load_end),
         }
     pools: dict[str, Any] = {}
     names = sorted({p for s in good for p in (s.get("pools") or {})})
@@ -505,7 +514,10 @@ def _analyse(
         base = counts[0][1] if counts else 0
         peak = max(c for _, c in counts) if counts else 0
         t_more = next((t for t, c in counts if c > base and t >= t0), None)
-        t_back = next((t for t, c in counts if t >= t_load_end and c == base), None)
+        after_counts = [(t, c) for t, c in counts if t >= t_load_end]
+        t_back = None
+        if after_counts and after_counts[0][1] != base:
+            t_back = next((t for t, c in after_counts if c == base), None)
         pools[p] = {
             "baseline_nodes": base,
             "peak_nodes": peak,
@@ -533,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-s", type=float, default=60.0)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--scale-by", type=int, default=1)
+    parser.add_argument("--headroom", type=float, default=1.5)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -542,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         load_s=args.load_s,
         max_tokens=args.max_tokens,
         scale_by=args.scale_by,
+        headroom=args.headroom,
         workdir=args.workdir,
     )
     args.out.write_text(json.dumps(report, indent=1, default=str))

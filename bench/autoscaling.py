@@ -1,0 +1,137 @@
+"""Autoscaling benchmark (issue: KubeRay): seconds from a load step to the extra replica
+serving, and from the end of the load to scale-down, on the fake multi-node cluster whose
+node types are the pools (see cluster/simulate.py), with the settings used.
+
+    python -m bench.autoscaling [--load-s 60] [--cloud gke]
+
+Runs `python -m cluster.simulate` once (a few minutes) and writes its section of
+BENCHMARKS.md. Uses Ray's private fake_multinode provider: measured with ray==2.60.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bench.common import table, write_section
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def body(report: dict[str, Any], load: str) -> str:
+    settings = report["settings"]
+    plans = {p["deployment"]: p for p in settings["plans"]}
+    rows = []
+    for name, d in report["deployments"].items():
+        lo, hi = report["bounds"][name]
+        plan = plans.get(name)
+        rows.append(
+            [
+                name,
+                report["pool_of"][name],
+                f"{lo}..{hi}",
+                plan["concurrency"] if plan else "-",
+                f"{d['baseline_replicas']} -> {d['peak_running']} -> {d['final_replicas']}",
+                _s(d["upscale_decision_s"]),
+                _s(d["extra_replica_running_s"]),
+                _s(d["extra_replica_serving_s"]),
+                _s(d["downscale_decision_after_load_s"]),
+                _s(d["replicas_back_after_load_s"]),
+                d.get("downscales_during_load", 0),
+            ]
+        )
+    deployments = table(
+        [
+            "deployment",
+            "pool",
+            "replicas min..max",
+            "clients",
+            "running replicas: start -> peak -> end",
+            "load step -> Serve decides up (s)",
+            "-> extra replica RUNNING (s)",
+            "-> extra replica serving (s)",
+            "load end -> Serve decides down (s)",
+            "load end -> replicas at min (s)",
+            "scale-downs during the load",
+        ],
+        rows,
+    )
+    pool_rows = [
+        [
+            pool,
+            f"{report['min_nodes'][pool]}..{report['max_nodes'][pool]}",
+            f"{p['baseline_nodes']} -> {p['peak_nodes']} -> {p['final_nodes']}",
+            _s(p["node_added_s"]),
+            _s(p["nodes_back_after_load_s"]),
+        ]
+        for pool, p in report["pools"].items()
+        if pool in report["min_nodes"]
+    ]
+    pools = table(
+        [
+            "pool (worker group)",
+            "nodes min..max",
+            "nodes: start -> peak -> end",
+            "load step -> node added (s)",
+            "load end -> nodes at min (s)",
+        ],
+        pool_rows,
+    )
+    scaling = ", ".join(f"{k} {v:g}" for k, v in settings["serve_autoscaling"].items())
+    auto = settings["autoscaler"]
+    return f"""
+Production graph shape (`cluster/serve-prod.yaml`: GPUs and accelerator types as fake
+resources, replica bounds, targets) with the smoke models on the CPU, on a fake multi-node
+Ray cluster whose node types are the `{report["cloud"]}` pools (1 A100 per node). Load step:
+closed-loop chat-completion clients per model service for {settings["load_s"]:g} s
+(`max_tokens` {settings["max_tokens"]}): {settings.get("headroom", 1):g} x the clients that make
+Serve want one more replica of each (target_ongoing_requests x (min + 1)), since on this
+CPU-starved box part of them wait in the proxy and the ingress; {load}.
+"Serving" is the new replica's first completed request (its own access log); for a
+deployment that starts from 0 replicas it is its first response.
+
+{deployments}
+
+{pools}
+
+Settings: Serve autoscaling ({scaling}); Ray autoscaler {auto["version"]},
+AUTOSCALER_UPDATE_INTERVAL_S {auto["AUTOSCALER_UPDATE_INTERVAL_S"]}, idle timeout
+{auto["idle_timeout_s"]:g} s. Production uses Serve's defaults for the metrics interval and
+look-back, `upscale_delay_s` 30 and `downscale_delay_s` 600 (config), and a 300 s node idle
+timeout (RayService `autoscalerOptions`), so there the same steps take minutes longer by
+design. The timings include replica cold starts (import torch + load the smoke model) on a
+shared 2-core machine, so they vary from run to run.
+""".strip()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.autoscaling")
+    parser.add_argument("--load-s", type=float, default=60.0)
+    parser.add_argument("--cloud", choices=["gke", "eks"], default="gke")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-autoscaling-"))
+    out = workdir / "report.json"
+    load_before = os.getloadavg()[0]
+    cmd = [sys.executable, "-m", "cluster.simulate", "--workdir", str(workdir), "--out", str(out)]
+    cmd += ["--load-s", str(args.load_s), "--cloud", args.cloud]
+    subprocess.run(cmd, check=True)
+    load_after = os.getloadavg()[0]
+    report = json.loads(out.read_text())
+    load = f"load average {load_before:.1f} before the run, {load_after:.1f} after"
+    write_section(
+        "autoscaling", "Autoscaling: load step on the simulated node pools", body(report, load)
+    )
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
