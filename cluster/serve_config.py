@@ -9,7 +9,7 @@
   and returns every deployment's effective replica bounds and per-replica Ray resources.
   No deployment name is known in advance: whatever the builder binds is what is resolved.
 
-Ray is imported lazily; it uses two Ray-private helpers (``ray.serve._private``), so the
+Ray is imported lazily; it uses Ray-private helpers (``ray.serve._private``), so the
 Ray version is pinned (requirements/constraints.txt).
 """
 

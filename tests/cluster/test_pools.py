@@ -106,3 +106,16 @@ def test_modal_gpu_strings_with_fallbacks():
     assert modal_gpu({"num_gpus": 0.5, "accelerator_type": "A100-40G"})[0] == "A100-40GB"
     assert modal_gpu({"num_cpus": 1}) is None
     assert CPU_POOL.modal_gpu_spec() is None
+
+
+def test_the_pool_table_imports_no_framework():
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys, cluster, cluster.pools\n"
+        "print(json.dumps([m for m in ('ray', 'pydantic', 'yaml', 'torch') if m in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
