@@ -222,6 +222,7 @@ class VLLMEngine(LLMEngine):
             "tokens_generated": self.tokens_generated,
             "requests_unfinished": self._llm.get_num_unfinished_requests() if self._llm else 0,
             "constraint_cache": {"hits": self.compiler.hits, "misses": self.compiler.misses},
+            "worker_multiproc_method": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD"),
         }
 
     async def shutdown(self) -> None:
