@@ -174,26 +174,29 @@ class VLLMEngine(LLMEngine):
         # spawn itself when it detects Ray or initialised CUDA; setting it here makes it
         # hold wherever the engine runs. setdefault: an operator's explicit choice wins.
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        # Building the engine blocks for seconds (it starts the engine-core process and
-        # loads the model); AsyncLLM starts its output handler lazily on the first request
-        # when it is built outside the event loop.
-        self._llm = await asyncio.to_thread(self._build)
-        self._load_tokenizer_facts()
-
-    def _build(self) -> Any:
+        # Imported here, on the caller's thread: first imports of vLLM/transformers' lazy
+        # modules from several threads at once are not safe.
         from vllm import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(**self.engine_args)
-        vllm_config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        # Building the engine blocks for seconds (it starts the engine-core process and
+        # loads the model); AsyncLLM starts its output handler lazily on the first request
+        # when it is built outside the event loop.
+        self._llm = await asyncio.to_thread(
+            self._build, AsyncEngineArgs(**self.engine_args), UsageContext.ENGINE_CONTEXT, AsyncLLM
+        )
+        self._load_tokenizer_facts()
+
+    def _build(self, args: Any, usage_context: Any, async_llm: Any) -> Any:
+        vllm_config = args.create_engine_config(usage_context)
         if self._placement_group is not None and self._device != "cpu":
             # The engine core runs in a spawned process that cannot see the replica's
             # placement group; hand it over explicitly, as Ray Serve LLM does
             # (vllm-project/vllm#14705; the V1 Ray executor otherwise loses the group:
             # vllm-project/vllm#29688, ray-project/ray#59064).
             vllm_config.parallel_config.placement_group = self._placement_group
-        return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=True)
+        return async_llm.from_vllm_config(vllm_config, disable_log_stats=True)
 
     def _load_tokenizer_facts(self) -> None:
         self.tokenizer = self._llm.get_tokenizer()

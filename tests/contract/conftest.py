@@ -21,8 +21,6 @@ PARAMS = [pytest.param(t, marks=pytest.mark.vllm) if "vllm" in t else t for t in
 
 
 async def _inprocess_app(raw_args):
-    import asyncio
-
     from serve_apps.config import AppArgs
     from serve_apps.handles import LocalHandle
     from serve_apps.ingress import create_app
@@ -30,7 +28,9 @@ async def _inprocess_app(raw_args):
 
     args = AppArgs.model_validate(raw_args)
     servers = {name: LLMServer(cfg) for name, cfg in args.model_configs().items()}
-    await asyncio.gather(*(server.start() for server in servers.values()))
+    # One after another: first imports of transformers' lazy modules are not thread-safe.
+    for server in servers.values():
+        await server.start()
     return create_app(args, {k: LocalHandle(v) for k, v in servers.items()}), servers
 
 
