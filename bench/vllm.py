@@ -23,7 +23,8 @@ from typing import Any
 
 from bench.common import REPO, median, percentile, table, write_section
 
-os.environ.setdefault("SERVE_APPS_CACHE_DIR", str(REPO / ".cache" / "serve_apps"))
+# The vLLM lane's smoke-model cache (see scripts/test-vllm).
+os.environ.setdefault("SERVE_APPS_CACHE_DIR", str(REPO / ".cache" / "serve_apps-vllm"))
 
 BATCH = 32
 MAX_TOKENS = 128
