@@ -70,13 +70,17 @@ def _structured_outputs(constraint: Constraint) -> Any:
     return StructuredOutputsParams(grammar=str(constraint.spec))
 
 
-def _client_error(e: Exception) -> ServeAppError:
+def _client_error(e: Exception, constraint: Constraint | None = None) -> ServeAppError:
     """Map vLLM's request errors (``VLLMClientError``) onto ours, keeping vLLM's message."""
     message = str(e)
     param = getattr(e, "parameter", None)
     lowered = message.lower()
-    if (param or "").startswith("structured_output") or "grammar" in lowered:
-        return ConstraintError(message, param=param)
+    if constraint is not None and (
+        (param or "").startswith("structured_output")
+        or "grammar" in lowered
+        or "structured output" in lowered
+    ):
+        return ConstraintError(message, param=constraint.kind)
     if "context length" in lowered or "maximum model length" in lowered:
         return ContextLengthError(message, param=param or "max_tokens")
     return InvalidRequestError(message, param=param)
@@ -287,7 +291,7 @@ class VLLMEngine(LLMEngine):
                     if generated:
                         raise EngineError(f"generation failed: {e}") from e
                     # Request validation in vLLM's frontend: nothing was generated yet.
-                    raise _client_error(e) from e
+                    raise _client_error(e, request.constraint) from e
                 except Exception as e:
                     # EngineDeadError, EngineGenerateError, anything from the engine core.
                     logger.exception("vLLM request %s failed", request.request_id)
@@ -384,5 +388,5 @@ class VLLMEngine(LLMEngine):
                 ),
             )
         except VLLMClientError as e:
-            raise _client_error(e) from e
+            raise _client_error(e, request.constraint) from e
         return prompt_ids, sampling, matcher

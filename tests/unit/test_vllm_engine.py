@@ -161,3 +161,22 @@ async def test_concurrent_requests_run_in_the_engine_together(smoke_vllm_engine)
     assert [o.finish_reason for o in outs] == ["length"] * 8
     assert all(o.completion_tokens == 48 for o in outs)
     assert peak >= 4, f"at most {peak} requests were in the engine at once"
+
+
+async def test_requests_beyond_batch_plus_queue_are_rejected_before_any_output(
+    smoke_vllm_engine, monkeypatch
+):
+    from serve_apps.errors import OverloadedError
+
+    # Our admission bound only (vLLM's own max_num_seqs stays as started).
+    monkeypatch.setattr(smoke_vllm_engine, "max_batch_size", 1)
+    monkeypatch.setattr(smoke_vllm_engine, "max_queue", 1)
+    running = [smoke_vllm_engine.generate(sampled(f"long {i}", n=1500)) for i in range(2)]
+    for stream in running:
+        await anext(stream)
+    with pytest.raises(OverloadedError):
+        await anext(smoke_vllm_engine.generate(sampled("one too many", n=4)))
+    for stream in running:
+        await stream.aclose()
+    out = await smoke_vllm_engine.generate_full(sampled("room again", n=4))
+    assert out.completion_tokens == 4
