@@ -181,14 +181,20 @@ class VLLMEngine(LLMEngine):
         # Imported here, on the caller's thread: first imports of vLLM/transformers' lazy
         # modules from several threads at once are not safe.
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        kwargs = dict(self.engine_args)
+        # Typed, as the field is declared (EngineArgs converts some config dicts, not this).
+        kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+            **kwargs["structured_outputs_config"]
+        )
         # Building the engine blocks for seconds (it starts the engine-core process and
         # loads the model); AsyncLLM starts its output handler lazily on the first request
         # when it is built outside the event loop.
         self._llm = await asyncio.to_thread(
-            self._build, AsyncEngineArgs(**self.engine_args), UsageContext.ENGINE_CONTEXT, AsyncLLM
+            self._build, AsyncEngineArgs(**kwargs), UsageContext.ENGINE_CONTEXT, AsyncLLM
         )
         self._load_tokenizer_facts()
 
@@ -269,15 +275,17 @@ class VLLMEngine(LLMEngine):
         await asyncio.to_thread(self.compiler.matcher, constraint)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
-        from vllm import TokensPrompt
         from vllm.exceptions import VLLMClientError
+        from vllm.inputs import tokens_input
 
         prompt_ids, sampling, matcher = await self._prepare(request)
         if self._inflight >= self.max_batch_size + self.max_queue:
             raise OverloadedError(f"{self._inflight} requests are in the engine; retry later")
         self._inflight += 1
+        # Already tokenized: handed over as an engine input (vLLM 0.33 deprecates raw
+        # prompts, token-id dicts included, in favour of rendered inputs like this one).
         stream = self._llm.generate(
-            TokensPrompt(prompt_token_ids=prompt_ids), sampling, request.request_id
+            tokens_input(prompt_ids, prompt=request.prompt), sampling, request.request_id
         )
         generated: list[int] = []
         finished = False
