@@ -89,6 +89,7 @@ async def _load(
     engine: Any, concurrency: int, requests: int, constraint: Any = None
 ) -> tuple[int, float, list[float]]:
     """(generated tokens, seconds, time-to-first-token of each request)."""
+    LOADS.append(os.getloadavg()[0])
     pending = list(range(requests))
     tokens = 0
     ttft: list[float] = []
@@ -113,11 +114,21 @@ async def _load(
     return tokens, time.perf_counter() - t0, ttft
 
 
+LOADS: list[float] = []  # 1-minute load average sampled before every measured round
+
+
 def _load_note(before: float) -> str:
     """The machine's load, which other work on a shared machine adds to the numbers."""
     return (
         f"\n- load average (1 min) at start / end: {before:.2f} / {os.getloadavg()[0]:.2f} "
-        f"on {os.cpu_count()} cores"
+        f"on {os.cpu_count()} cores; sampled before each measured round: min "
+        f"{min(LOADS):.2f}, median {median(LOADS):.2f}, max {max(LOADS):.2f}"
+        + (
+            " (**the machine was shared and busy: expect noise; compare rows of the same "
+            "round, not runs**)"
+            if max(LOADS) > 1.5
+            else ""
+        )
     )
 
 
@@ -127,6 +138,7 @@ async def bench_throughput(rounds: int) -> None:
     try:
         for engine in engines.values():  # warm-up (first batches, allocator)
             await _load(engine, 8, 8)
+        LOADS.clear()
         tps: dict[tuple[str, int], list[float]] = {}
         ttfts: dict[tuple[str, int], list[float]] = {}
         for _ in range(rounds):
@@ -195,6 +207,7 @@ async def bench_constraints(rounds: int) -> None:
         for engine in engines.values():
             await engine.validate_constraint(constraint)  # compile once (cached)
             await _load(engine, 8, 8, constraint)  # warm-up
+        LOADS.clear()
         tps: dict[tuple[str, int, str], list[float]] = {}
         for _ in range(rounds):
             for c in (1, 8):
