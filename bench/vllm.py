@@ -128,13 +128,14 @@ LOADS: list[float] = []  # 1-minute load average sampled before every measured r
 def _load_note(before: float) -> str:
     """The machine's load, which other work on a shared machine adds to the numbers."""
     return (
-        f"\n- load average (1 min) at start / end: {before:.2f} / {os.getloadavg()[0]:.2f} "
-        f"on {os.cpu_count()} cores; sampled before each measured round: min "
-        f"{min(LOADS):.2f}, median {median(LOADS):.2f}, max {max(LOADS):.2f}"
+        f"\n- load average (1 min) before the engines started: {before:.2f}, at the end: "
+        f"{os.getloadavg()[0]:.2f}; sampled before each measured round: min {min(LOADS):.2f}, "
+        f"median {median(LOADS):.2f}, max {max(LOADS):.2f} ({os.cpu_count()} cores; the "
+        "benchmark itself adds up to ~2: the vLLM worker and engine core, and this process)"
         + (
-            " (**the machine was shared and busy: expect noise; compare rows of the same "
-            "round, not runs**)"
-            if max(LOADS) > 1.5
+            ". **Other work was running when it started: expect noise, and compare rows "
+            "of the same run.**"
+            if before > 1.0
             else ""
         )
     )
