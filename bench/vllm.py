@@ -223,7 +223,7 @@ async def bench_constraints(rounds: int) -> None:
                 for name, engine in engines.items():
                     for kind in ("none", "json_schema"):  # interleaved, same prompts/seeds
                         tokens, seconds, _ = await _load(
-                            engine, c, max(8, 2 * c), constraint if kind != "none" else None
+                            engine, c, max(16, 4 * c), constraint if kind != "none" else None
                         )
                         tps.setdefault((name, c, kind), []).append(tokens / seconds)
     finally:
@@ -248,7 +248,7 @@ async def bench_constraints(rounds: int) -> None:
             ],
             rows,
         )
-        + f"\n\n- medians of {rounds} rounds; max(8, 2 x concurrency) requests of at most "
+        + f"\n\n- medians of {rounds} rounds; max(16, 4 x concurrency) requests of at most "
         + f"{MAX_TOKENS} tokens per round, temperature 1.0, seeded, runs interleaved; the "
         + "schema is bench.vllm.SCHEMA (bounded strings, arrays and numbers)."
         + "\n- vLLM computes the grammar masks in its engine-core process (llguidance "
