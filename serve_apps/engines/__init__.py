@@ -6,7 +6,7 @@ is imported only when selected, so a config that uses transformers never imports
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..config import ModelConfig, Settings
@@ -22,8 +22,13 @@ def resolve_model(config: ModelConfig, settings: Settings) -> str:
     return str(smoke_llm_path(settings.cache_dir))
 
 
-def create_llm_engine(config: ModelConfig, model: str) -> LLMEngine:
-    """The engine named by ``config.backend`` for ``model`` (a resolved id or path)."""
+def create_llm_engine(config: ModelConfig, model: str, *, placement_group: Any = None) -> LLMEngine:
+    """The engine named by ``config.backend`` for ``model`` (a resolved id or path).
+
+    ``placement_group`` is what a serving target reserved for the engine's workers (Ray
+    Serve's replica placement group, see :mod:`serve_apps.placement`); engines that spread
+    over several devices use it, the others ignore it.
+    """
     if config.backend == "transformers":
         from .transformers_llm import TransformersEngine
 
@@ -36,5 +41,25 @@ def create_llm_engine(config: ModelConfig, model: str) -> LLMEngine:
             dtype=config.dtype,
             device=config.device,
             trust_remote_code=config.trust_remote_code,
+        )
+    if config.backend == "vllm":
+        from .vllm_llm import VLLMEngine
+
+        opts = config.vllm_options
+        return VLLMEngine(
+            model,
+            revision=config.revision,
+            max_batch_size=config.max_batch_size,
+            max_queue=config.max_queue,
+            max_model_len=config.max_model_len,
+            dtype=config.dtype,
+            device=config.device,
+            trust_remote_code=config.trust_remote_code,
+            tensor_parallel_size=opts.tensor_parallel_size,
+            gpu_memory_utilization=opts.gpu_memory_utilization,
+            kv_cache_memory_bytes=opts.kv_cache_memory_bytes,
+            quantization=opts.quantization,
+            enforce_eager=opts.enforce_eager,
+            placement_group=placement_group,
         )
     raise ValueError(f"unknown LLM backend {config.backend!r}")

@@ -52,7 +52,8 @@ class LLMServer:
     """Serves one model: OpenAI chat/completions and the constrained ``generate`` API.
 
     ``start()`` must be awaited once before use (adapters do it in their constructor /
-    ``@modal.enter``). ``engine`` may be given directly (tests pass a fake).
+    ``@modal.enter``). ``engine`` may be given directly (tests pass a fake);
+    ``placement_group`` is the Ray placement group a replica holds for the engine's workers.
     """
 
     def __init__(
@@ -61,10 +62,13 @@ class LLMServer:
         *,
         engine: LLMEngine | None = None,
         settings: Settings | None = None,
+        placement_group: Any = None,
     ):
         self.config = config
         self.engine = engine
         self._settings = settings or Settings()
+        # What the serving target reserved for the engine's workers (see create_llm_engine).
+        self._placement_group = placement_group
 
     async def start(self) -> None:
         if self.engine is None:
@@ -73,7 +77,9 @@ class LLMServer:
             from ..engines import create_llm_engine, resolve_model
 
             model = await asyncio.to_thread(resolve_model, self.config, self._settings)
-            self.engine = create_llm_engine(self.config, model)
+            self.engine = create_llm_engine(
+                self.config, model, placement_group=self._placement_group
+            )
         await self.engine.start()
         logger.info("%s ready", self.config.served_model_name)
 

@@ -1,7 +1,8 @@
 """Targets of the HTTP contract suite. ``CONTRACT_TARGETS`` (comma-separated) picks them.
 
 - ``inprocess``: ``create_app`` with ``LocalHandle``s over real ``LLMServer``s (smoke models);
-- ``ray``: the same app deployed with real Ray Serve, over real HTTP.
+- ``ray``: the same app deployed with real Ray Serve, over real HTTP;
+- ``vllm``, ``vllm-ray``: the same two on the vLLM backend (opt-in lane: scripts/test-vllm).
 """
 
 from __future__ import annotations
@@ -11,30 +12,35 @@ import os
 import httpx
 import pytest
 
-from tests.conftest import CONTRACT_ARGS
+from tests.conftest import CONTRACT_ARGS, VLLM_CONTRACT_ARGS
 
 DEFAULT_TARGETS = "inprocess,ray"
 TARGETS = [t for t in os.environ.get("CONTRACT_TARGETS", DEFAULT_TARGETS).split(",") if t]
+# Targets on the vLLM backend carry the `vllm` mark (skipped where vLLM is not installed).
+PARAMS = [pytest.param(t, marks=pytest.mark.vllm) if "vllm" in t else t for t in TARGETS]
 
 
-async def _inprocess_app():
+async def _inprocess_app(raw_args):
     from serve_apps.config import AppArgs
     from serve_apps.handles import LocalHandle
     from serve_apps.ingress import create_app
     from serve_apps.servers.llm import LLMServer
 
-    args = AppArgs.model_validate(CONTRACT_ARGS)
+    args = AppArgs.model_validate(raw_args)
     servers = {name: LLMServer(cfg) for name, cfg in args.model_configs().items()}
+    # One after another: first imports of transformers' lazy modules are not thread-safe.
     for server in servers.values():
         await server.start()
     return create_app(args, {k: LocalHandle(v) for k, v in servers.items()}), servers
 
 
-@pytest.fixture(scope="session", params=TARGETS)
+@pytest.fixture(scope="session", params=PARAMS)
 async def api(request):
     """An httpx client whose base URL is the contract app on one target."""
-    if request.param == "inprocess":
-        app, servers = await _inprocess_app()
+    if request.param in ("inprocess", "vllm"):
+        app, servers = await _inprocess_app(
+            CONTRACT_ARGS if request.param == "inprocess" else VLLM_CONTRACT_ARGS
+        )
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
             transport=transport, base_url="http://inprocess", timeout=120
@@ -42,8 +48,10 @@ async def api(request):
             yield c
         for server in servers.values():
             await server.shutdown()
-    elif request.param == "ray":
-        url = request.getfixturevalue("ray_serve_url")
+    elif request.param in ("ray", "vllm-ray"):
+        url = request.getfixturevalue(
+            "ray_serve_url" if request.param == "ray" else "vllm_ray_serve_url"
+        )
         async with httpx.AsyncClient(base_url=url, timeout=120) as c:
             yield c
     else:

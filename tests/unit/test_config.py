@@ -52,3 +52,78 @@ def test_config_yaml_is_a_valid_serve_config_with_valid_args():
     for d in app.deployments:
         # On a 2-core machine every replica must ask for a fraction of a CPU.
         assert 0 < d.ray_actor_options.num_cpus < 1
+
+
+def test_vllm_options_are_typed_and_validated():
+    cfg = AppArgs.model_validate(
+        {
+            "llm": {
+                "served_model_name": "m",
+                "backend": "vllm",
+                "vllm": {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85},
+            }
+        }
+    ).llm
+    assert cfg.vllm_options.tensor_parallel_size == 2
+    assert cfg.vllm_options.enforce_eager is False
+    # backend vllm without options: the defaults
+    assert (
+        AppArgs.model_validate(
+            {"llm": {"served_model_name": "m", "backend": "vllm"}}
+        ).llm.vllm_options.tensor_parallel_size
+        == 1
+    )
+
+
+@pytest.mark.parametrize(
+    ("llm", "message"),
+    [
+        ({"vllm": {"enforce_eager": True}}, "need `backend: vllm`"),
+        ({"backend": "vllm", "vllm": {"tensor_parallel_sise": 2}}, "tensor_parallel_sise"),
+        ({"backend": "vllm", "vllm": {"gpu_memory_utilization": 1.5}}, "gpu_memory_utilization"),
+        ({"backend": "vllm", "vllm": {"tensor_parallel_size": 0}}, "tensor_parallel_size"),
+        ({"backend": "vllm", "device": "cuda:1"}, "device auto, cuda or cpu"),
+    ],
+)
+def test_bad_vllm_options_fail_when_the_config_is_parsed(llm, message):
+    with pytest.raises(ValidationError) as info:
+        AppArgs.model_validate({"llm": {"served_model_name": "m", **llm}})
+    assert message in str(info.value)
+
+
+def test_vllm_config_maps_onto_vllm_engine_args_without_importing_vllm():
+    import sys
+
+    from serve_apps.config import ModelConfig
+    from serve_apps.engines import create_llm_engine
+
+    cfg = ModelConfig.model_validate(
+        {
+            "served_model_name": "m",
+            "backend": "vllm",
+            "max_batch_size": 32,
+            "max_model_len": 4096,
+            "dtype": "bfloat16",
+            "vllm": {
+                "tensor_parallel_size": 4,
+                "gpu_memory_utilization": 0.8,
+                "quantization": "awq",
+                "enforce_eager": True,
+            },
+        }
+    )
+    engine = create_llm_engine(cfg, "org/model")
+    args = engine.engine_args  # type: ignore[attr-defined]
+    assert args["model"] == "org/model" and args["max_num_seqs"] == 32
+    assert args["max_model_len"] == 4096 and args["dtype"] == "bfloat16"
+    assert args["tensor_parallel_size"] == 4 and args["gpu_memory_utilization"] == 0.8
+    assert args["quantization"] == "awq" and args["enforce_eager"] is True
+    # Constraints mean the same as on the transformers backend: llguidance, compact JSON.
+    assert args["structured_outputs_config"] == {
+        "backend": "guidance",
+        "disable_any_whitespace": True,
+    }
+    assert "distributed_executor_backend" not in args  # no placement group given
+    placed = create_llm_engine(cfg, "org/model", placement_group=object())
+    assert placed.engine_args["distributed_executor_backend"] == "ray"  # type: ignore[attr-defined]
+    assert "vllm" not in sys.modules

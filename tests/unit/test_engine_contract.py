@@ -9,13 +9,17 @@ from serve_apps.errors import ConstraintError, ContextLengthError, UnsupportedEr
 from tests.fakes import FakeEngine
 
 
-@pytest.fixture(params=["fake", "transformers"])
-async def engine(request, smoke_engine):
+@pytest.fixture(params=["fake", "transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
+def engine(request):
+    # Not async: the real engines are async session fixtures, fetched by name so that
+    # each lane starts only the engines it runs.
     if request.param == "fake":
         eng = FakeEngine(reply="alpha beta gamma delta epsilon zeta eta theta iota kappa")
-        await eng.start()
+        asyncio.run(eng.start())
         return eng
-    return smoke_engine
+    if request.param == "vllm":
+        return request.getfixturevalue("smoke_vllm_engine")
+    return request.getfixturevalue("smoke_engine")
 
 
 def req(max_tokens=8, **kw):

@@ -11,6 +11,8 @@ def test_importing_the_package_and_its_light_modules_loads_no_heavy_dependency()
         "import serve_apps, serve_apps.config, serve_apps.errors, serve_apps.handles\n"
         "import serve_apps.ingress, serve_apps.schemas.openai, serve_apps.schemas.generate\n"
         "import serve_apps.engines, serve_apps.engines.base, serve_apps.servers.llm\n"
+        # Selecting the vLLM backend by name imports vLLM only when the engine starts.
+        "import serve_apps.placement, serve_apps.engines.vllm_llm\n"
         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

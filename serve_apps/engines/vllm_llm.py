@@ -1,0 +1,400 @@
+"""LLM engine on vLLM (``backend: vllm``): the production engine behind the same contract.
+
+Built on vLLM's public async engine API (``AsyncEngineArgs`` -> ``AsyncLLM``), which does
+continuous batching, paged attention and structured outputs in its own processes. This
+module adapts it to :mod:`serve_apps.engines.base`:
+
+- prompts are tokenized here (the same tokenizer vLLM loads) and sent as token ids, so
+  prompt/context checks and ``prompt_tokens`` are exact and raise before the first output;
+- outputs are requested as deltas (``RequestOutputKind.DELTA``); vLLM excludes stop strings
+  from the text and holds back text that may start one;
+- constraints go to vLLM as ``StructuredOutputsParams(json=|regex=|grammar=)`` with the
+  llguidance ("guidance") backend chosen for the whole engine and compact JSON
+  (``disable_any_whitespace``, the same default as :data:`constraints.JSON_DEFAULTS`).
+  vLLM's guidance backend turns them into llguidance grammars with the same calls the
+  transformers engine uses (``grammar_from_json_schema``, ``grammar_from_regex``,
+  ``grammar_from("grammar", ...)``), so a schema, regex or grammar means the same on both;
+- every constraint is also compiled here by :class:`ConstraintCompiler` (cached by content
+  hash), so an invalid one fails before the request reaches vLLM with the same message as
+  on the transformers backend, and so that ``constraint_satisfied`` can be decided
+  honestly: vLLM does not expose its matcher, so the finished token ids are replayed
+  through our own matcher (microseconds per token);
+- closing the iterator (client disconnect) closes vLLM's generator, which aborts the
+  request in the engine core and frees its KV blocks.
+
+vLLM is imported only when this engine starts, and only if the config selects it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from ..errors import (
+    ConstraintError,
+    ContextLengthError,
+    EngineError,
+    InvalidRequestError,
+    OverloadedError,
+    ServeAppError,
+    UnsupportedError,
+)
+from .base import (
+    Constraint,
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    LLMEngine,
+    ModelInfo,
+)
+from .constraints import JSON_DEFAULTS, ConstraintCompiler
+
+if TYPE_CHECKING:
+    import llguidance
+
+logger = logging.getLogger(__name__)
+
+
+def _structured_outputs(constraint: Constraint) -> Any:
+    """``StructuredOutputsParams`` for a constraint (the kinds map one to one)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if constraint.kind == "json_schema":
+        return StructuredOutputsParams(json=constraint.spec)
+    if constraint.kind == "regex":
+        return StructuredOutputsParams(regex=str(constraint.spec))
+    return StructuredOutputsParams(grammar=str(constraint.spec))
+
+
+def _client_error(e: Exception, constraint: Constraint | None = None) -> ServeAppError:
+    """Map vLLM's request errors (``VLLMClientError``) onto ours, keeping vLLM's message."""
+    message = str(e)
+    param = getattr(e, "parameter", None)
+    lowered = message.lower()
+    if constraint is not None and (
+        (param or "").startswith("structured_output")
+        or "grammar" in lowered
+        or "structured output" in lowered
+    ):
+        return ConstraintError(message, param=constraint.kind)
+    if "context length" in lowered or "maximum model length" in lowered:
+        return ContextLengthError(message, param=param or "max_tokens")
+    return InvalidRequestError(message, param=param)
+
+
+def _satisfied(
+    matcher: llguidance.LLMatcher, token_ids: list[int], stopped_by_string: bool
+) -> tuple[bool, bool]:
+    """(``constraint_satisfied``, grammar complete) for the generated tokens.
+
+    vLLM masked every step with the same grammar, so the replay only fails if something
+    is badly wrong; then we do not vouch for the text.
+    """
+    for token in token_ids:
+        if matcher.is_stopped():
+            break  # the EOS after a complete grammar
+        if not matcher.consume_token(token):
+            logger.error("generated token %d rejected on replay: %s", token, matcher.get_error())
+            return False, False
+    complete = matcher.is_stopped()
+    # A stop string cut the text somewhere the grammar did not end: we cannot vouch
+    # (the same rule as the transformers engine).
+    if stopped_by_string and not complete:
+        return False, False
+    return bool(matcher.is_accepting()), complete
+
+
+class VLLMEngine(LLMEngine):
+    """A causal LM served by vLLM's ``AsyncLLM`` behind the engine contract."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        revision: str | None = None,
+        max_batch_size: int = 8,
+        max_queue: int = 256,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        quantization: str | None = None,
+        enforce_eager: bool = False,
+        placement_group: Any = None,
+    ):
+        self.model_name_or_path = model
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self._device = device
+        self._placement_group = placement_group
+        engine_kwargs: dict[str, Any] = {
+            "model": model,
+            "revision": revision,
+            "tokenizer_revision": revision,
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "max_num_seqs": max_batch_size,
+            "trust_remote_code": trust_remote_code,
+            "tensor_parallel_size": tensor_parallel_size,
+            "kv_cache_memory_bytes": kv_cache_memory_bytes,
+            "quantization": quantization,
+            "enforce_eager": enforce_eager,
+            "disable_log_stats": True,
+            # One backend for the whole engine (vLLM rejects per-request choices): llguidance,
+            # the library the transformers engine masks with. JSON without free whitespace,
+            # as constraints.JSON_DEFAULTS; a schema can opt back in with x-guidance.
+            "structured_outputs_config": {
+                "backend": "guidance",
+                "disable_any_whitespace": not JSON_DEFAULTS["whitespace_flexible"],
+            },
+        }
+        if gpu_memory_utilization is not None:
+            engine_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if placement_group is not None and device != "cpu":
+            # Inside a Ray Serve replica that holds a placement group, vLLM's Ray executor
+            # puts one worker on each of its GPU bundles (as Ray Serve LLM does). vLLM's
+            # CPU platform has no Ray executor (vllm-project/vllm#21602): there the
+            # bundles only reserve CPUs and the default multiprocessing executor runs.
+            engine_kwargs["distributed_executor_backend"] = "ray"
+        self.engine_args = engine_kwargs
+        self._llm: Any = None
+        self._info: ModelInfo | None = None
+        self._tok_lock = threading.Lock()
+        self._inflight = 0
+        self.tokens_generated = 0
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        # Engine workers must be spawned, not forked: CUDA cannot be re-initialised in a
+        # forked subprocess (vllm-project/vllm#7151, #8893, #12754), and a fork of a Ray
+        # actor inherits its Ray connection (vllm-project/vllm#14705, #14768). vLLM forces
+        # spawn itself when it detects Ray or initialised CUDA; setting it here makes it
+        # hold wherever the engine runs. setdefault: an operator's explicit choice wins.
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        # Imported here, on the caller's thread: first imports of vLLM/transformers' lazy
+        # modules from several threads at once are not safe.
+        from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kwargs = dict(self.engine_args)
+        # Typed, as the field is declared (EngineArgs converts some config dicts, not this).
+        kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+            **kwargs["structured_outputs_config"]
+        )
+        # Building the engine blocks for seconds (it starts the engine-core process and
+        # loads the model); AsyncLLM starts its output handler lazily on the first request
+        # when it is built outside the event loop.
+        self._llm = await asyncio.to_thread(
+            self._build, AsyncEngineArgs(**kwargs), UsageContext.ENGINE_CONTEXT, AsyncLLM
+        )
+        self._load_tokenizer_facts()
+
+    def _build(self, args: Any, usage_context: Any, async_llm: Any) -> Any:
+        vllm_config = args.create_engine_config(usage_context)
+        if self._placement_group is not None and self._device != "cpu":
+            # The engine core runs in a spawned process that cannot see the replica's
+            # placement group; hand it over explicitly, as Ray Serve LLM does
+            # (vllm-project/vllm#14705; the V1 Ray executor otherwise loses the group:
+            # vllm-project/vllm#29688, ray-project/ray#59064).
+            vllm_config.parallel_config.placement_group = self._placement_group
+        return async_llm.from_vllm_config(vllm_config, disable_log_stats=True)
+
+    def _load_tokenizer_facts(self) -> None:
+        self.tokenizer = self._llm.get_tokenizer()
+        self.compiler = ConstraintCompiler.for_hf_tokenizer(self.tokenizer)
+        model_config = self._llm.model_config
+        eos: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(int(self.tokenizer.eos_token_id))
+        gen_eos = model_config.try_get_generation_config().get("eos_token_id")
+        for e in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
+            if e is not None:
+                eos.add(int(e))
+        self._info = ModelInfo(
+            name_or_path=self.model_name_or_path,
+            max_model_len=int(model_config.max_model_len),
+            eos_token_ids=tuple(sorted(eos)),
+        )
+        logger.info(
+            "vLLM engine ready: %s (max_model_len=%d)",
+            self.model_name_or_path,
+            self._info.max_model_len,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "tokens_generated": self.tokens_generated,
+            "requests_unfinished": self._llm.get_num_unfinished_requests() if self._llm else 0,
+            "constraint_cache": {"hits": self.compiler.hits, "misses": self.compiler.misses},
+            "worker_multiproc_method": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD"),
+        }
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            # Stops the engine-core and worker processes (SIGTERM, then a grace period of
+            # a few seconds). Called on the event loop on purpose: AsyncLLM.shutdown then
+            # cancels its output handler before that task sees the engine core go away
+            # (from another thread the handler logs a spurious EngineDeadError).
+            llm.shutdown()
+
+    # ----------------------------------------------------------------- contract
+    def info(self) -> ModelInfo:
+        if self._info is None or self._llm is None:
+            raise RuntimeError("engine not started")
+        if self._llm.errored:
+            # The engine-core process died (e.g. OOM-killed); health checks see it here.
+            raise EngineError("the vLLM engine core is dead")
+        return self._info
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        with self._tok_lock:
+            return str(
+                self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            )
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        with self._tok_lock:
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._encode(text, add_special_tokens=False))
+
+    async def validate_constraint(self, constraint: Constraint) -> None:
+        await asyncio.to_thread(self.compiler.matcher, constraint)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        from vllm.exceptions import VLLMClientError
+        from vllm.inputs import tokens_input
+
+        prompt_ids, sampling, matcher = await self._prepare(request)
+        if self._inflight >= self.max_batch_size + self.max_queue:
+            raise OverloadedError(f"{self._inflight} requests are in the engine; retry later")
+        self._inflight += 1
+        # Already tokenized: handed over as an engine input (vLLM 0.33 deprecates raw
+        # prompts, token-id dicts included, in favour of rendered inputs like this one).
+        stream = self._llm.generate(
+            tokens_input(prompt_ids, prompt=request.prompt), sampling, request.request_id
+        )
+        generated: list[int] = []
+        finished = False
+        try:
+            while True:
+                try:
+                    out = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except VLLMClientError as e:
+                    if generated:
+                        raise EngineError(f"generation failed: {e}") from e
+                    # Request validation in vLLM's frontend: nothing was generated yet.
+                    raise _client_error(e, request.constraint) from e
+                except Exception as e:
+                    # EngineDeadError, EngineGenerateError, anything from the engine core.
+                    logger.exception("vLLM request %s failed", request.request_id)
+                    raise EngineError(f"generation failed: {e}") from e
+                completion = out.outputs[0]
+                new_ids = list(completion.token_ids)
+                generated.extend(new_ids)
+                self.tokens_generated += len(new_ids)
+                finish: FinishReason | None = None
+                satisfied: bool | None = None
+                if out.finished:
+                    finished = True
+                    finish, satisfied = self._finish(completion, generated, matcher)
+                if completion.text or new_ids or finish is not None:
+                    yield GenerationOutput(
+                        text=completion.text,
+                        token_ids=new_ids,
+                        prompt_tokens=len(prompt_ids),
+                        completion_tokens=len(generated),
+                        finish_reason=finish,
+                        constraint_satisfied=satisfied,
+                    )
+                if finish is not None:
+                    return
+            if not finished:
+                raise EngineError("vLLM ended the request without finishing it")
+        finally:
+            self._inflight -= 1
+            # Normal end: a no-op. Consumer closed us (client gone) or an error: closing
+            # vLLM's generator raises GeneratorExit inside it, which aborts the request in
+            # the engine core (AsyncLLM.generate's own cleanup).
+            await stream.aclose()
+
+    def _finish(
+        self,
+        completion: Any,
+        generated: list[int],
+        matcher: llguidance.LLMatcher | None,
+    ) -> tuple[FinishReason, bool | None]:
+        reason = completion.finish_reason
+        if reason not in ("stop", "length"):
+            # "abort" (someone aborted it in the engine) or anything new: not a finish
+            # the contract knows, and the client did not ask for it.
+            raise EngineError(f"vLLM finished the request with reason {reason!r}")
+        finish: FinishReason = "stop" if reason == "stop" else "length"
+        if matcher is None:
+            return finish, None
+        stopped_by_string = finish == "stop" and isinstance(completion.stop_reason, str)
+        satisfied, complete = _satisfied(matcher, generated, stopped_by_string)
+        if finish == "length" and complete:
+            # The grammar ended on the last allowed token; vLLM would have sampled EOS
+            # next. The transformers engine ends right there with "stop": so do we.
+            finish = "stop"
+        return finish, satisfied
+
+    async def _prepare(self, request: GenerationRequest) -> tuple[list[int], Any, Any]:
+        """Everything that can reject a request, done before it reaches vLLM."""
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import RequestOutputKind
+
+        if request.images:
+            raise UnsupportedError(
+                f"{self.model_name_or_path} is a text-only model; send no images"
+            )
+        info = self.info()
+        prompt_ids = self._encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        if not prompt_ids:
+            raise ContextLengthError("the prompt encodes to no tokens", param="prompt")
+        sp = request.sampling
+        budget = len(prompt_ids) + sp.max_tokens
+        if budget > info.max_model_len:
+            # vLLM itself would accept a max_tokens beyond the context and stop early.
+            raise ContextLengthError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sp.max_tokens}) "
+                f"= {budget} exceeds the model's context of {info.max_model_len} tokens",
+                param="max_tokens",
+            )
+        matcher = None
+        if request.constraint is not None:
+            # Our compile: the same errors (and messages) as the transformers backend, and
+            # the matcher that replays the output for constraint_satisfied.
+            matcher = await asyncio.to_thread(self.compiler.matcher, request.constraint)
+        try:
+            sampling = SamplingParams(
+                max_tokens=sp.max_tokens,
+                temperature=sp.temperature,
+                top_p=sp.top_p,
+                stop=list(sp.stop) or None,
+                seed=sp.seed,
+                output_kind=RequestOutputKind.DELTA,
+                structured_outputs=(
+                    _structured_outputs(request.constraint) if request.constraint else None
+                ),
+            )
+        except VLLMClientError as e:
+            raise _client_error(e, request.constraint) from e
+        return prompt_ids, sampling, matcher

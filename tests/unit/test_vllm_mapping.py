@@ -1,0 +1,93 @@
+"""The vLLM engine's pure decisions, checked without vLLM (default lane).
+
+How vLLM's request errors map onto ours, and how ``constraint_satisfied`` is decided by
+replaying the generated tokens through our own llguidance matcher.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from serve_apps.engines.base import Constraint
+from serve_apps.engines.vllm_llm import _client_error, _satisfied
+from serve_apps.errors import ConstraintError, ContextLengthError, InvalidRequestError
+
+
+class FakeVLLMValidationError(Exception):
+    """Shaped like vllm.exceptions.VLLMValidationError (message + parameter)."""
+
+    def __init__(self, message, parameter=None):
+        super().__init__(message)
+        self.parameter = parameter
+
+
+REGEX = Constraint("regex", "[a-c]{4}")
+
+
+@pytest.mark.parametrize(
+    ("message", "parameter", "constraint", "cls", "param"),
+    [
+        ("Grammar error: unknown name", None, REGEX, ConstraintError, "regex"),
+        ("bad", "structured_outputs.json", REGEX, ConstraintError, "regex"),
+        (
+            "This model's maximum context length is 2048 tokens",
+            None,
+            None,
+            ContextLengthError,
+            "max_tokens",
+        ),
+        ("top_p must be in (0, 1]", "top_p", None, InvalidRequestError, "top_p"),
+    ],
+)
+def test_vllm_request_errors_keep_their_message_and_become_400s(
+    message, parameter, constraint, cls, param
+):
+    err = _client_error(FakeVLLMValidationError(message, parameter), constraint)
+    assert type(err) is cls and err.status_code == 400
+    assert message in err.message and err.param == param
+
+
+@pytest.fixture(scope="module")
+def compiler(smoke_llm_dir):
+    from transformers import AutoTokenizer
+
+    from serve_apps.engines.constraints import ConstraintCompiler
+
+    return ConstraintCompiler.for_hf_tokenizer(AutoTokenizer.from_pretrained(smoke_llm_dir))
+
+
+@pytest.fixture(scope="module")
+def ids(compiler, smoke_llm_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smoke_llm_dir)
+
+    def encode(text, eos=False):
+        out = tok(text, add_special_tokens=False).input_ids
+        return [*out, tok.eos_token_id] if eos else out
+
+    return encode
+
+
+def test_complete_output_ending_in_eos_is_satisfied(compiler, ids):
+    assert _satisfied(compiler.matcher(REGEX), ids("abca", eos=True), False) == (True, True)
+
+
+def test_complete_output_cut_before_its_eos_is_complete(compiler, ids):
+    # vLLM stopped on max_tokens right after the grammar ended: the engine calls it "stop".
+    assert _satisfied(compiler.matcher(REGEX), ids("abca"), False) == (True, True)
+
+
+def test_partial_output_is_not_satisfied(compiler, ids):
+    assert _satisfied(compiler.matcher(REGEX), ids("ab"), False) == (False, False)
+
+
+def test_output_cut_by_a_stop_string_is_not_vouched_for(compiler, ids):
+    grammar = Constraint("regex", "(ab)+")
+    # "abab" is accepted, but the grammar could go on: a stop string ended it.
+    assert _satisfied(compiler.matcher(grammar), ids("abab"), True) == (False, False)
+    assert _satisfied(compiler.matcher(grammar), ids("abab"), False) == (True, False)
+
+
+def test_a_token_the_grammar_rejects_is_never_vouched_for(compiler, ids):
+    assert _satisfied(compiler.matcher(REGEX), ids("abz"), False) == (False, False)
