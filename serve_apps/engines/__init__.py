@@ -1,12 +1,14 @@
 """Engines: model code behind small base classes. No ray or modal imports here.
 
-Engines are created by name from config (:func:`create_llm_engine`); each backend's module
-is imported only when selected, so a config that uses transformers never imports vLLM.
+LLM engines are created by name from config (:func:`create_llm_engine`); each backend's
+module is imported only when selected, so a config that uses transformers never imports
+vLLM. The vision engines (:mod:`.segmenter`, :mod:`.grounder`) and Rex-Omni's format
+(:mod:`.detection`) are used by the vision servers directly.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..config import ModelConfig, Settings
@@ -17,24 +19,35 @@ def resolve_model(config: ModelConfig, settings: Settings) -> str:
     """The ``from_pretrained`` argument for a model config: its id/path, or the smoke model."""
     if config.model is not None:
         return config.model
-    from .smoke import smoke_llm_path
+    from .smoke import smoke_llm_path, smoke_vl_path
 
+    if config.modality == "image-text":
+        return str(smoke_vl_path(settings.cache_dir))
     return str(smoke_llm_path(settings.cache_dir))
 
 
 def create_llm_engine(config: ModelConfig, model: str) -> LLMEngine:
     """The engine named by ``config.backend`` for ``model`` (a resolved id or path)."""
     if config.backend == "transformers":
+        common: dict[str, Any] = {
+            "revision": config.revision,
+            "max_batch_size": config.max_batch_size,
+            "max_queue": config.max_queue,
+            "max_model_len": config.max_model_len,
+            "dtype": config.dtype,
+            "device": config.device,
+            "trust_remote_code": config.trust_remote_code,
+        }
+        if config.modality == "image-text":
+            from .transformers_vl import TransformersVLEngine
+
+            return TransformersVLEngine(
+                model,
+                image_min_pixels=config.image_min_pixels,
+                image_max_pixels=config.image_max_pixels,
+                **common,
+            )
         from .transformers_llm import TransformersEngine
 
-        return TransformersEngine(
-            model,
-            revision=config.revision,
-            max_batch_size=config.max_batch_size,
-            max_queue=config.max_queue,
-            max_model_len=config.max_model_len,
-            dtype=config.dtype,
-            device=config.device,
-            trust_remote_code=config.trust_remote_code,
-        )
+        return TransformersEngine(model, **common)
     raise ValueError(f"unknown LLM backend {config.backend!r}")
