@@ -224,6 +224,7 @@ class Segmenter:
             raise InvalidRequestError(
                 f"{len(boxes)} boxes is over this service's limit of {self.max_boxes}",
                 param="boxes",
+                code="too_many_boxes",
             )
         embedding, hit, timings = await self._embedding(image)
         h, w = embedding.original_size

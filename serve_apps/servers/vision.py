@@ -229,6 +229,7 @@ class GrounderServer:
                 f"caption is {len(caption)} characters, over the limit of "
                 f"{self.config.max_caption_chars}",
                 param="caption",
+                code="caption_too_long",
             )
         found = await self.grounder.phrases_async(caption)
         return [

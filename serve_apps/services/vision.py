@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import AppArgs
-from ..errors import ImageError, UnsupportedError
+from ..errors import ImageError, InvalidRequestError, UnsupportedError
 from ..handles import Handle
 from ..schemas.vision import (
     DetectCall,
@@ -70,10 +70,22 @@ async def _timed(awaitable: Awaitable[T]) -> tuple[T, float]:
     return result, _ms(t0)
 
 
+async def _encode(sam: Handle, data: bytes) -> tuple[EncodeResult, float]:
+    # The handle call is made inside the task, so a task cancelled before it starts
+    # leaves no un-awaited coroutine behind.
+    result: EncodeResult
+    result, ms = await _timed(sam.call("encode", data))
+    return result, ms
+
+
 class VisionPipelines:
     def __init__(self, args: AppArgs, handles: Mapping[str, Handle]):
         self.args = args
         self.handles = handles
+
+    def _max_boxes(self) -> int:
+        assert self.args.sam is not None
+        return self.args.sam.max_boxes
 
     def _handle(self, service: str, why: str) -> Handle:
         handle = self.handles.get(service)
@@ -177,8 +189,16 @@ class VisionPipelines:
 
         t_start = time.perf_counter()
         sam = self._handle("sam", "/v1/segment")
+        max_boxes = self._max_boxes()
+        if req.boxes is not None and len(req.boxes) > max_boxes:
+            raise InvalidRequestError(
+                f"{len(req.boxes)} boxes is over this service's limit of {max_boxes}",
+                param="boxes",
+                code="too_many_boxes",
+            )
         timings: dict[str, float] = {}
         data, image = await self.load_image(req, timings)
+        notes: list[str] = []
         predictions: dict[str, list[Shape]] | None = None
         labelled: list[tuple[str | None, list[float]]]
         encode: asyncio.Task[tuple[EncodeResult, float]] | None = None
@@ -189,7 +209,7 @@ class VisionPipelines:
                 assert req.categories is not None
                 detector = self._handle("detector", "/v1/segment with categories")
                 # SAM's image encoder runs while the detector works.
-                encode = asyncio.ensure_future(_timed(sam.call("encode", data)))
+                encode = asyncio.ensure_future(_encode(sam, data))
                 result, timings["detect"] = await _timed(
                     self._detect(detector, data, req.categories, "detection", req.max_tokens)
                 )
@@ -200,6 +220,9 @@ class VisionPipelines:
                     for shape in shapes
                     if shape.type == "box"
                 ]
+                if len(labelled) > max_boxes:
+                    notes.append(f"only the first {max_boxes} of {len(labelled)} boxes segmented")
+                    labelled = labelled[:max_boxes]
             masks, seg = await self._masks(sam, data, [b for _, b in labelled], encode, timings)
         finally:
             if encode is not None and not encode.done():
@@ -220,7 +243,8 @@ class VisionPipelines:
             image_size=image.size,
             sam_results=results,
             predictions=predictions,
-            message=None if results else "no boxes to segment (nothing was detected)",
+            message="; ".join(notes)
+            or (None if results else "no boxes to segment (nothing was detected)"),
             embedding_cache_hit=None if seg is None else seg.cache_hit,
             timings_ms=timings,
             visualization=visualization,
@@ -264,7 +288,8 @@ class VisionPipelines:
         sam = self._handle("sam", "/v1/ground")
         timings: dict[str, float] = {}
         data, image = await self.load_image(req, timings)
-        encode = asyncio.ensure_future(_timed(sam.call("encode", data)))
+        notes: list[str] = []
+        encode = asyncio.ensure_future(_encode(sam, data))
         try:
             found: list[PhraseResult]
             found, timings["phrases"] = await _timed(grounder.call("phrases", req.caption))
@@ -283,8 +308,16 @@ class VisionPipelines:
                         detector, data, [p.text for p in usable], "detection", req.max_tokens
                     )
                 )
+                budget = self._max_boxes()
                 for phrase, shapes in result.predictions.items():
-                    by_phrase[phrase] = [_flat(s) for s in shapes if s.type == "box"]
+                    boxes = [_flat(s) for s in shapes if s.type == "box"]
+                    by_phrase[phrase] = boxes[: max(0, budget)]
+                    budget -= len(boxes)
+                if budget < 0:
+                    notes.append(
+                        f"only the first {self._max_boxes()} of "
+                        f"{self._max_boxes() - budget} boxes segmented"
+                    )
                 boxes = [box for p in found for box in by_phrase[p.text]]
                 masks, seg = await self._masks(sam, data, boxes, encode, timings)
         finally:
@@ -312,17 +345,16 @@ class VisionPipelines:
                 overlay.polygons.extend((a.phrase, m.polygons) for m in a.masks)
             visualization = await self._overlay(image, overlay, timings)
         timings["total"] = _ms(t_start)
-        message = None
         if not found:
-            message = "the caption has no noun phrases"
+            notes.append("the caption has no noun phrases")
         elif not any(a.boxes for a in annotations):
-            message = "no phrase was detected in the image"
+            notes.append("no phrase was detected in the image")
         return GroundResponse(
             image_size=image.size,
             caption=req.caption,
             phrases=[p.text for p in found],
             annotations=annotations,
-            message=message,
+            message="; ".join(notes) or None,
             embedding_cache_hit=None if seg is None else seg.cache_hit,
             timings_ms=timings,
             visualization=visualization,

@@ -1,6 +1,6 @@
 """Targets of the HTTP contract suite. ``CONTRACT_TARGETS`` (comma-separated) picks them.
 
-- ``inprocess``: ``create_app`` with ``LocalHandle``s over real ``LLMServer``s (smoke models);
+- ``inprocess``: ``create_app`` with ``LocalHandle``s over the real servers (smoke models);
 - ``ray``: the same app deployed with real Ray Serve, over real HTTP.
 """
 
@@ -21,10 +21,10 @@ async def _inprocess_app():
     from serve_apps.config import AppArgs
     from serve_apps.handles import LocalHandle
     from serve_apps.ingress import create_app
-    from serve_apps.servers.llm import LLMServer
+    from serve_apps.servers import create_servers
 
     args = AppArgs.model_validate(CONTRACT_ARGS)
-    servers = {name: LLMServer(cfg) for name, cfg in args.model_configs().items()}
+    servers = create_servers(args)
     for server in servers.values():
         await server.start()
     return create_app(args, {k: LocalHandle(v) for k, v in servers.items()}), servers

@@ -5,16 +5,23 @@ import asyncio
 import pytest
 
 from serve_apps.engines.base import Constraint, GenerationRequest, SamplingParams
-from serve_apps.errors import ConstraintError, ContextLengthError, UnsupportedError
+from serve_apps.errors import (
+    ConstraintError,
+    ContextLengthError,
+    InvalidRequestError,
+    UnsupportedError,
+)
 from tests.fakes import FakeEngine
 
 
-@pytest.fixture(params=["fake", "transformers"])
-async def engine(request, smoke_engine):
+@pytest.fixture(params=["fake", "transformers", "transformers-vl"])
+async def engine(request, smoke_engine, smoke_vl_engine):
     if request.param == "fake":
         eng = FakeEngine(reply="alpha beta gamma delta epsilon zeta eta theta iota kappa")
         await eng.start()
         return eng
+    if request.param == "transformers-vl":
+        return smoke_vl_engine
     return smoke_engine
 
 
@@ -78,6 +85,11 @@ async def test_context_overflow_fails_before_the_first_output(engine):
 
 
 async def test_images_to_a_text_model_are_unsupported(engine):
+    if engine.info().supports_images:
+        # A vision model takes images, one per image placeholder in the prompt.
+        with pytest.raises(InvalidRequestError, match="placeholder"):
+            await anext(engine.generate(req(images=[object()])))
+        return
     with pytest.raises(UnsupportedError):
         await anext(engine.generate(req(images=[object()])))
 
