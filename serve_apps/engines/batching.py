@@ -33,7 +33,7 @@ class MicroBatcher(Generic[T, R]):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self._run_batch = run_batch
-        self._max = max_batch_size
+        self.max_batch_size = max_batch_size
         self._max_wait_s = max(0.0, max_wait_s)
         self._executor = executor
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
@@ -67,7 +67,7 @@ class MicroBatcher(Generic[T, R]):
         while True:
             await self._arrived.wait()
             deadline = time.monotonic() + self._max_wait_s
-            while len(self._pending) < self._max:
+            while len(self._pending) < self.max_batch_size:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -76,8 +76,8 @@ class MicroBatcher(Generic[T, R]):
                     await asyncio.wait_for(self._arrived.wait(), left)
                 except asyncio.TimeoutError:
                     break
-            batch = [(i, f) for i, f in self._pending[: self._max] if not f.cancelled()]
-            del self._pending[: self._max]
+            batch = [(i, f) for i, f in self._pending[: self.max_batch_size] if not f.cancelled()]
+            del self._pending[: self.max_batch_size]
             if self._pending:  # more than one batch was waiting: go again at once
                 self._arrived.set()
             else:
