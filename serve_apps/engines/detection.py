@@ -126,9 +126,8 @@ def coordinate_rule(special_tokens: Collection[str]) -> str:
     quoted ``"<123>"`` would only match that text spelled out in ordinary tokens, which is
     not how the model writes coordinates. A tokenizer without such tokens gets strings.
     """
-    if all(f"<{i}>" in special_tokens for i in range(N_BINS)):
-        return " | ".join(f"<{i}>" for i in range(N_BINS))
-    return " | ".join(_lark_string(f"<{i}>") for i in range(N_BINS))
+    names = (f"<{i}>" for i in range(N_BINS))
+    return " | ".join(n if n in special_tokens else _lark_string(n) for n in names)
 
 
 def detection_grammar(

@@ -288,9 +288,16 @@ class Segmenter:
     def _pixels(self, image: bytes) -> np.ndarray:
         import numpy as np
 
+        from ..errors import ImageError
         from ..images import decode_image
 
-        return np.asarray(decode_image(image, self._max_image_pixels))
+        pixels = np.asarray(decode_image(image, self._max_image_pixels))
+        height, width = pixels.shape[:2]
+        size = self.model.image_encoder.img_size
+        if 0 in self.transform.get_preprocess_shape(height, width, size):
+            # Resized to 1024 on the long side, the short side would vanish.
+            raise ImageError(f"a {width}x{height} image is too thin to segment")
+        return pixels
 
     def _encode_batch(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
         """One image-encoder call for several images (``SamPredictor.set_image``, batched)."""

@@ -217,6 +217,8 @@ BAD = [
     ("/v1/detect", _detect(image=b64(IMAGE[:-200])), 400, "invalid_image"),  # truncated
     ("/v1/detect", _detect(image=b64(_png(600, 500))), 400, "image_too_many_pixels"),
     ("/v1/detect", _detect(image=b64(bytes(40000))), 413, "image_too_large"),
+    ("/v1/detect", _detect(image=b64(_png(1, 3000))), 400, "invalid_image"),  # too thin
+    ("/v1/segment", _img(image=b64(_png(1, 3000)), boxes=[[0, 0, 1, 9]]), 400, "invalid_image"),
     ("/v1/detect", _detect(image_url="https://x.test/a.png"), 400, "invalid_value"),
     ("/v1/detect", _detect(image=None, image_url="http://127.0.0.1:9/a.png"), 400, NOT_ALLOWED),
     ("/v1/detect", _detect(image=None, image_url="http://169.254.169.254/x"), 400, NOT_ALLOWED),

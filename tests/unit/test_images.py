@@ -130,10 +130,13 @@ class _Handler(BaseHTTPRequestHandler):
             "/to-other-host": lambda: self._redirect(f"http://127.0.0.2:{port}/img.png"),
         }
         route = routes.get(self.path)
-        if route is None:
-            self.send_error(404)
-        else:
-            route()
+        try:
+            if route is None:
+                self.send_error(404)
+            else:
+                route()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client hung up on purpose (size or time limit)
 
     def _send(self, body):
         self.send_response(200)
