@@ -30,6 +30,8 @@ import re
 from collections.abc import Collection, Sequence
 from typing import Any, Literal
 
+from ..errors import InvalidRequestError
+
 Task = Literal["detection", "pointing"]
 
 # rex_omni/tasks.py TASK_CONFIGS (IDEA-Research/Rex-Omni@478e44f).
@@ -71,6 +73,27 @@ def check_category(category: str) -> str | None:
     if _BAD_CATEGORY.search(category):
         return "contains one of < > , or a control character"
     return None
+
+
+def validate_categories(categories: Sequence[str], limit: int) -> list[str]:
+    """Stripped, deduplicated categories that Rex-Omni's format can carry; else a 400."""
+    out: list[str] = []
+    for category in categories:
+        why = check_category(category)
+        if why is not None:
+            raise InvalidRequestError(
+                f"category {category!r} {why}", param="categories", code="invalid_category"
+            )
+        category = category.strip()
+        if category not in out:
+            out.append(category)
+    if len(out) > limit:
+        raise InvalidRequestError(
+            f"{len(out)} categories is over the detector's limit of {limit}",
+            param="categories",
+            code="too_many_categories",
+        )
+    return out
 
 
 def to_bin(value: float, size: float) -> int:

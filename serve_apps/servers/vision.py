@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from ..config import DetectorConfig, GrounderConfig, SAMConfig, Settings
@@ -62,7 +61,7 @@ class DetectorServer(LLMServer):
         info = self._engine.info()
         if not info.supports_images:
             raise UnsupportedError(f"model {cfg.served_model_name} does not take images")
-        categories = validate_categories(call.categories, cfg.max_categories)
+        categories = detection.validate_categories(call.categories, cfg.max_categories)
         max_tokens = call.max_tokens or cfg.detect_max_tokens
         image = await asyncio.to_thread(decode_image, call.image)
         timings = {"decode": _ms(t_start)}
@@ -115,29 +114,6 @@ class DetectorServer(LLMServer):
             generation_time=round(generation_s, 6),
             timings_ms=timings,
         )
-
-
-def validate_categories(categories: Sequence[str], limit: int) -> list[str]:
-    """Stripped, deduplicated categories that Rex-Omni's format can carry; else a 400."""
-    from ..engines.detection import check_category
-
-    out: list[str] = []
-    for category in categories:
-        why = check_category(category)
-        if why is not None:
-            raise InvalidRequestError(
-                f"category {category!r} {why}", param="categories", code="invalid_category"
-            )
-        category = category.strip()
-        if category not in out:
-            out.append(category)
-    if len(out) > limit:
-        raise InvalidRequestError(
-            f"{len(out)} categories is over the detector's limit of {limit}",
-            param="categories",
-            code="too_many_categories",
-        )
-    return out
 
 
 class SegmenterServer:

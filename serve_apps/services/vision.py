@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import AppArgs
-from ..errors import ImageError, InvalidRequestError, UnsupportedError
+from ..errors import ContextLengthError, ImageError, InvalidRequestError, UnsupportedError
 from ..handles import Handle
 from ..schemas.vision import (
     DetectCall,
@@ -128,10 +128,11 @@ class VisionPipelines:
 
         t_start = time.perf_counter()
         detector = self._handle("detector", "/v1/detect")
+        categories = self._check_detection(req.categories, req.max_tokens)
         timings: dict[str, float] = {}
         data, image = await self.load_image(req, timings)
         result, timings["detect"] = await _timed(
-            self._detect(detector, data, req.categories, req.task, req.max_tokens)
+            self._detect(detector, data, categories, req.task, req.max_tokens)
         )
         visualization = None
         if req.visualize:
@@ -158,6 +159,23 @@ class VisionPipelines:
             visualization=visualization,
         )
 
+    def _check_detection(self, categories: list[str], max_tokens: int | None) -> list[str]:
+        """What the detector would refuse, refused before the image is fetched or decoded."""
+        from ..engines.detection import validate_categories
+
+        detector_cfg = self.args.detector
+        assert detector_cfg is not None
+        self._check_max_tokens(max_tokens)
+        return validate_categories(categories, detector_cfg.max_categories)
+
+    def _check_max_tokens(self, max_tokens: int | None) -> None:
+        if max_tokens is not None and max_tokens > self.args.limits.max_tokens:
+            raise ContextLengthError(
+                f"max_tokens {max_tokens} is over this service's limit of "
+                f"{self.args.limits.max_tokens}",
+                param="max_tokens",
+            )
+
     async def _detect(
         self,
         detector: Handle,
@@ -166,20 +184,7 @@ class VisionPipelines:
         task: Any,
         max_tokens: int | None,
     ) -> DetectResult:
-        from ..errors import ContextLengthError
-        from ..servers.vision import validate_categories
-
-        detector_cfg = self.args.detector
-        assert detector_cfg is not None
-        if max_tokens is not None and max_tokens > self.args.limits.max_tokens:
-            raise ContextLengthError(
-                f"max_tokens {max_tokens} is over this service's limit of "
-                f"{self.args.limits.max_tokens}",
-                param="max_tokens",
-            )
-        # Checked here too, so a bad request fails before any service is called.
-        cats = validate_categories(categories, detector_cfg.max_categories)
-        call = DetectCall(image=data, categories=cats, task=task, max_tokens=max_tokens)
+        call = DetectCall(image=data, categories=categories, task=task, max_tokens=max_tokens)
         result: DetectResult = await detector.call("detect", call)
         return result
 
@@ -196,6 +201,10 @@ class VisionPipelines:
                 param="boxes",
                 code="too_many_boxes",
             )
+        categories: list[str] = []
+        if req.categories is not None:
+            self._handle("detector", "/v1/segment with categories")
+            categories = self._check_detection(req.categories, req.max_tokens)
         timings: dict[str, float] = {}
         data, image = await self.load_image(req, timings)
         notes: list[str] = []
@@ -211,7 +220,7 @@ class VisionPipelines:
                 # SAM's image encoder runs while the detector works.
                 encode = asyncio.ensure_future(_encode(sam, data))
                 result, timings["detect"] = await _timed(
-                    self._detect(detector, data, req.categories, "detection", req.max_tokens)
+                    self._detect(detector, data, categories, "detection", req.max_tokens)
                 )
                 predictions = result.predictions
                 labelled = [
@@ -286,6 +295,7 @@ class VisionPipelines:
         grounder = self._handle("grounder", "/v1/ground")
         detector = self._handle("detector", "/v1/ground")
         sam = self._handle("sam", "/v1/ground")
+        self._check_max_tokens(req.max_tokens)
         timings: dict[str, float] = {}
         data, image = await self.load_image(req, timings)
         notes: list[str] = []
@@ -298,7 +308,7 @@ class VisionPipelines:
             # Phrases the detector format cannot carry (a "<" or ","), and any beyond the
             # detector's category limit, are left out of detection (and reported empty).
             usable = [p for p in found if check_category(p.text) is None]
-            usable = usable[: detector_cfg.max_categories]
+            usable = usable[: detector_cfg.max_categories]  # validate_categories would pass
             by_phrase: dict[str, list[list[float]]] = {p.text: [] for p in found}
             seg: SegmentResult | None = None
             masks: list[Mask] = []

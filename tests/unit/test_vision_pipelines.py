@@ -267,3 +267,12 @@ async def test_routes_of_services_not_configured_are_absent():
         r = await client.post("/v1/segment", json={**image, "boxes": [[0, 0, 5, 5]]})
         assert r.status_code == 200
         assert (await client.get("/health")).json()["models"] == ["fake-codegen", "fake-llm"]
+
+
+async def test_a_bad_request_is_refused_before_its_image_url_is_fetched(app):
+    client, _ = app
+    # The URL is one the policy refuses; the category error must come first.
+    body = {"image_url": "http://127.0.0.1:9/a.png", "categories": ["a<b"]}
+    assert_envelope(await client.post("/v1/detect", json=body), 400, "invalid_category")
+    body = {"image_url": "http://127.0.0.1:9/a.png", "categories": ["a"]}
+    assert_envelope(await client.post("/v1/detect", json=body), 400, "image_url_not_allowed")
