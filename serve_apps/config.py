@@ -127,6 +127,12 @@ class SAMConfig(StrictModel):
         default=2.0, ge=0.0, le=1000.0, description="how long a lone encoding waits for company"
     )
     max_boxes: int = Field(default=100, ge=1, le=1000, description="boxes per request")
+    decoder_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="boxes per mask-decoder call; null: all of a request's on a GPU, one "
+        "at a time on a CPU (faster there, see BENCHMARKS.md)",
+    )
     polygon_epsilon: float = Field(
         default=0.003, ge=0.0, le=0.1, description="Douglas-Peucker tolerance / perimeter"
     )

@@ -39,11 +39,22 @@ class Grounder:
         self._lock = threading.Lock()
 
     def load(self) -> None:
-        import spacy
+        try:
+            import spacy
+        except ImportError as e:
+            raise ImportError(
+                f"the grounder needs spaCy: pip install 'serve-apps[vision]' ({e})"
+            ) from e
 
-        # Only what noun_chunks needs (the parser, fed by tok2vec and the tagger's
-        # attributes); NER and the lemmatizer are skipped for speed.
-        self._nlp = spacy.load(self.pipeline, exclude=["ner", "lemmatizer"])
+        try:
+            # Only what noun_chunks needs (the parser, fed by tok2vec and the tagger's
+            # attributes); NER and the lemmatizer are skipped for speed.
+            self._nlp = spacy.load(self.pipeline, exclude=["ner", "lemmatizer"])
+        except OSError as e:
+            raise OSError(
+                f"spaCy pipeline {self.pipeline!r} is not installed; scripts/setup installs "
+                f"the default one from requirements/spacy-model.txt ({e})"
+            ) from e
         logger.info("loaded spaCy pipeline %s: %s", self.pipeline, self._nlp.pipe_names)
 
     async def start(self) -> None:

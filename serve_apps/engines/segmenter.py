@@ -10,9 +10,12 @@ milliseconds per box. So :class:`Segmenter`:
 - batches the image encodings of concurrent requests into one encoder call
   (:class:`~.batching.MicroBatcher`), and coalesces concurrent requests for the same
   image into one encoding;
-- decodes all boxes of a request in one batched prompt-encoder + mask-decoder call (what
-  ``SamPredictor.predict_torch`` does, without the predictor's per-image state, so
-  requests on different images can interleave safely);
+- decodes all boxes of a request in one job: on a GPU in one batched prompt-encoder +
+  mask-decoder call (what ``SamPredictor.predict_torch`` does, without the predictor's
+  per-image state, so requests on different images can interleave safely); on a CPU one
+  box per decoder call inside that job, because the decoder repeats the image embedding
+  for every box and a CPU runs the batched call memory-bound, about a third slower
+  (measured: BENCHMARKS.md); ``decoder_batch_size`` overrides the choice;
 - turns each mask into polygons: outer contours (OpenCV), simplified with
   Douglas-Peucker, in pixel coordinates of the original image, largest first.
 
@@ -49,7 +52,13 @@ logger = logging.getLogger(__name__)
 
 def sam_builders() -> dict[str, Callable[..., Any]]:
     """Model type -> segment-anything builder (``builder(checkpoint=path)``)."""
-    from segment_anything.build_sam import _build_sam, sam_model_registry
+    try:
+        # _build_sam is private: segment-anything is pinned (==1.0, its only release).
+        from segment_anything.build_sam import _build_sam, sam_model_registry
+    except ImportError as e:
+        raise ImportError(
+            f"SAM needs segment-anything: pip install 'serve-apps[vision]' ({e})"
+        ) from e
 
     return {
         "vit_h": sam_model_registry["vit_h"],
@@ -142,7 +151,7 @@ class Segmenter:
         max_batch_size: int = 4,
         batch_wait_s: float = 0.002,
         max_boxes: int = 256,
-        decoder_chunk: int = 32,
+        decoder_batch_size: int | None = None,
         polygon_epsilon: float = 0.003,
         min_polygon_area: float = 10.0,
         max_polygons: int = 16,
@@ -153,7 +162,8 @@ class Segmenter:
         self._device_cfg = device
         self.cache_size = cache_size
         self.max_boxes = max_boxes
-        self._decoder_chunk = max(1, decoder_chunk)
+        self._decoder_batch_cfg = decoder_batch_size
+        self.decoder_batch_size = 1
         self._polygon = {
             "epsilon": polygon_epsilon,
             "min_area": min_polygon_area,
@@ -192,6 +202,10 @@ class Segmenter:
         sam = builders[self.model_type](checkpoint=self.checkpoint)
         self.model = sam.to(self.device).eval()
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
+        if self._decoder_batch_cfg is not None:
+            self.decoder_batch_size = self._decoder_batch_cfg
+        else:
+            self.decoder_batch_size = 1 if self.device.type == "cpu" else 64
         logger.info("loaded SAM %s from %s on %s", self.model_type, self.checkpoint, device)
 
     async def start(self) -> None:
@@ -329,11 +343,12 @@ class Segmenter:
         low_res, scores = [], []
         with torch.inference_mode():
             dense_pe = sam.prompt_encoder.get_dense_pe()
-            # Chunks only bound memory for very many boxes; a request's boxes normally go
-            # through in one call.
-            for start in range(0, len(boxes), self._decoder_chunk):
+            # On a GPU the boxes of a request go through in one call (chunks only bound
+            # memory for very many boxes); on a CPU, one at a time is faster (see __init__).
+            step = self.decoder_batch_size
+            for start in range(0, len(boxes), step):
                 chunk = torch.as_tensor(
-                    boxes[start : start + self._decoder_chunk],
+                    boxes[start : start + step],
                     dtype=torch.float,
                     device=self.device,
                 )

@@ -143,6 +143,7 @@ class SegmenterServer:
             max_batch_size=cfg.max_batch_size,
             batch_wait_s=cfg.batch_wait_ms / 1000,
             max_boxes=cfg.max_boxes,
+            decoder_batch_size=cfg.decoder_batch_size,
             polygon_epsilon=cfg.polygon_epsilon,
             min_polygon_area=cfg.min_polygon_area,
             max_polygons=cfg.max_polygons_per_mask,

@@ -44,11 +44,19 @@ def test_a_checkpoint_the_test_writes_loads_through_checkpoint(tmp_path):
         Segmenter("smoke", str(path), device="cpu").load()
 
 
-async def test_batched_box_decoding_equals_the_per_box_predictor(segmenter):
+@pytest.mark.parametrize("decoder_batch_size", [len(BOXES), 1])
+async def test_batched_box_decoding_equals_the_per_box_predictor(segmenter, decoder_batch_size):
+    """All boxes in one decoder call (the GPU default) and one per call (the CPU default)
+    give segment-anything's own per-box result."""
     from segment_anything import SamPredictor
 
     image = scene_png(160, 120, seed=1)
-    out = await segmenter.segment(image, BOXES)
+    default = segmenter.decoder_batch_size
+    segmenter.decoder_batch_size = decoder_batch_size
+    try:
+        out = await segmenter.segment(image, BOXES)
+    finally:
+        segmenter.decoder_batch_size = default
     assert len(out.results) == len(BOXES) and out.image_size == (160, 120)
 
     predictor = SamPredictor(segmenter.model)
@@ -119,6 +127,10 @@ async def test_a_cancelled_request_does_not_fail_another_waiting_for_the_same_im
     first.cancel()
     out = await second
     assert len(out.results) == 1
+
+
+def test_the_decoder_batch_follows_the_device(segmenter):
+    assert segmenter.device.type == "cpu" and segmenter.decoder_batch_size == 1
 
 
 async def test_boxes_are_clipped_and_ordered_and_too_many_are_refused(segmenter):
