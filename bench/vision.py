@@ -227,7 +227,8 @@ def bench_sam(types: list[str], reps: int, big_reps: int, n_boxes: int) -> None:
         "is the architecture's, not the weights'."
         "\n- one decoder call for all boxes does the same arithmetic as one call per box "
         "(SAM's decoder repeats the image embedding per box): a GPU runs the boxes in "
-        "parallel (no GPU here to measure it), a CPU runs the big batch memory-bound. So "
+        "parallel (no GPU here to measure it); on this CPU the batched call was faster in "
+        "some runs and slower (by up to a third) in most, within run-to-run noise. So "
         "the engine decodes a request's boxes in one job, in one call on a GPU and one box "
         "per call on a CPU (`decoder_batch_size`; here: "
         + ", ".join(f"{r['type']} {r['default']}" for r in results)

@@ -131,7 +131,7 @@ class SAMConfig(StrictModel):
         default=None,
         ge=1,
         description="boxes per mask-decoder call; null: all of a request's on a GPU, one "
-        "at a time on a CPU (faster there, see BENCHMARKS.md)",
+        "at a time on a CPU (mostly faster there, see BENCHMARKS.md)",
     )
     polygon_epsilon: float = Field(
         default=0.003, ge=0.0, le=0.1, description="Douglas-Peucker tolerance / perimeter"

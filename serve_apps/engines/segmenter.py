@@ -13,9 +13,10 @@ milliseconds per box. So :class:`Segmenter`:
 - decodes all boxes of a request in one job: on a GPU in one batched prompt-encoder +
   mask-decoder call (what ``SamPredictor.predict_torch`` does, without the predictor's
   per-image state, so requests on different images can interleave safely); on a CPU one
-  box per decoder call inside that job, because the decoder repeats the image embedding
-  for every box and a CPU runs the batched call memory-bound, about a third slower
-  (measured: BENCHMARKS.md); ``decoder_batch_size`` overrides the choice;
+  box per decoder call inside that job: the decoder repeats the image embedding for
+  every box, so batching saves no arithmetic, and on a CPU the big batched call was
+  mostly the slower one (up to a third; BENCHMARKS.md); ``decoder_batch_size``
+  overrides the choice;
 - turns each mask into polygons: outer contours (OpenCV), simplified with
   Douglas-Peucker, in pixel coordinates of the original image, largest first.
 
