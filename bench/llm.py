@@ -129,6 +129,10 @@ def _stop_serve() -> None:
 BENCH_ARGS = {
     "llm": {"served_model_name": "smoke-llm", "max_batch_size": 8},
     "codegen": {"served_model_name": "smoke-codegen", "max_batch_size": 8},
+    # The LLM benchmarks measure the LLM services alone (bench/vision.py has the others).
+    "detector": None,
+    "sam": None,
+    "grounder": None,
 }
 
 
@@ -308,8 +312,8 @@ def bench_coldstart() -> None:
         "coldstart",
         "Cold start: `serve run config.yaml` to the first 200 from /v1/chat/completions",
         table(["model cache", "s to /health 200", "s to first chat 200"], rows)
-        + "\n\n- includes starting a local Ray cluster, Serve, 3 replicas and loading two "
-        + "smoke models.",
+        + "\n\n- includes starting a local Ray cluster, Serve and every replica of "
+        + "config.yaml, and loading (or first building) all of its smoke models.",
     )
 
 

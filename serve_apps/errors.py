@@ -70,6 +70,15 @@ class UnsupportedError(InvalidRequestError):
     default_code = "unsupported"
 
 
+class ImageError(InvalidRequestError):
+    """400: an image that cannot be used: not base64, not an image, damaged, too many
+    pixels (code ``image_too_many_pixels``), or an ``image_url`` the policy refuses
+    (``image_url_not_allowed``) or that could not be fetched (``image_url_fetch_failed``).
+    Too many *bytes* is a :class:`PayloadTooLargeError` (413) instead."""
+
+    default_code = "invalid_image"
+
+
 class ModelNotFoundError(ServeAppError):
     """404: the ``model`` field names no model this service serves."""
 

@@ -30,13 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
-from .config import SMOKE_DESCRIPTION, AppArgs
+from .config import AppArgs
 from .errors import (
     ContextLengthError,
     InvalidRequestError,
     ModelNotFoundError,
     PayloadTooLargeError,
     ServeAppError,
+    UnsupportedError,
     error_body,
     status_of,
     unwrap,
@@ -53,12 +54,15 @@ from .schemas.openai import (
     ModelList,
     SamplingFields,
 )
+from .services.vision import resolve_chat_images
+from .vision_routes import vision_router
 
 logger = logging.getLogger(__name__)
 
 SERVICE_DESCRIPTIONS = {
     "llm": "chat and completions",
     "codegen": "constrained generation (JSON schema, regex, grammar)",
+    "detector": "vision-language model: /v1/detect (Rex-Omni format) and chat with images",
 }
 
 
@@ -153,7 +157,7 @@ async def sse_response(stream: AsyncIterator[Any]) -> StreamingResponse:
 def create_app(args: AppArgs, handles: Mapping[str, Handle]) -> FastAPI:
     """The FastAPI app for ``args``; ``handles`` maps service name -> handle."""
     model_configs = args.model_configs()
-    missing = set(model_configs) - set(handles)
+    missing = set(args.services()) - set(handles)
     if missing:
         raise ValueError(f"no handle for services {sorted(missing)}")
     by_model = {cfg.served_model_name: service for service, cfg in model_configs.items()}
@@ -229,7 +233,7 @@ def create_app(args: AppArgs, handles: Mapping[str, Handle]) -> FastAPI:
     async def health() -> HealthResponse:
         try:
             await asyncio.wait_for(
-                asyncio.gather(*(handles[s].call("health") for s in model_configs)), timeout=10
+                asyncio.gather(*(handles[s].call("health") for s in args.services())), timeout=10
             )
         except TimeoutError as e:
             raise ServeAppError("a model service did not answer its health check in 10 s") from e
@@ -246,7 +250,7 @@ def create_app(args: AppArgs, handles: Mapping[str, Handle]) -> FastAPI:
                     smoke=cfg.is_smoke,
                     description=(
                         f"{SERVICE_DESCRIPTIONS.get(service, service)}; "
-                        + (SMOKE_DESCRIPTION if cfg.is_smoke else f"model {cfg.model}")
+                        + (cfg.smoke_description if cfg.is_smoke else f"model {cfg.model}")
                     ),
                 )
                 for service, cfg in model_configs.items()
@@ -255,7 +259,13 @@ def create_app(args: AppArgs, handles: Mapping[str, Handle]) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(req: ChatCompletionRequest) -> Any:
-        handle = openai_route(req, req.requested_max_tokens())
+        check_max_tokens(req.requested_max_tokens())
+        service, handle = route(req.model, "llm")
+        if any(m.has_images() for m in req.messages):
+            if model_configs[service].modality != "image-text":
+                raise UnsupportedError(f"model {req.model} does not take images", param="messages")
+            # Fetch image URLs and enforce the image limits here, before any model server.
+            await resolve_chat_images(req, args)
         if req.stream:
             return await sse_response(handle.stream("chat_stream", req))
         return await handle.call("chat", req)
@@ -266,6 +276,8 @@ def create_app(args: AppArgs, handles: Mapping[str, Handle]) -> FastAPI:
         if req.stream:
             return await sse_response(handle.stream("completion_stream", req))
         return await handle.call("completion", req)
+
+    app.include_router(vision_router(args, handles))
 
     @app.post("/v1/generate", response_model=GenerateResponse)
     async def generate(req: GenerateRequest) -> GenerateResponse:

@@ -4,8 +4,15 @@
 ``serveConfigV2``) and what the tests deploy. It validates ``args`` as :class:`AppArgs`
 (unknown keys fail here) and binds::
 
-    Ingress ──> LLM      (LLMServer on the llm model)
-            └─> Codegen  (LLMServer on the codegen model)
+    Ingress ──> LLM       (LLMServer on the llm model)
+            ├─> Codegen   (LLMServer on the codegen model)
+            ├─> Detector  (DetectorServer: LLMServer on the vision-language model + detect)
+            ├─> SAM       (SegmenterServer)
+            └─> Grounder  (GrounderServer)
+
+The vision deployments are separate so that each gets its own resources (in production,
+its own GPU pool); a config that sets ``detector``, ``sam`` or ``grounder`` to null
+leaves that deployment out.
 
 Deployment options (replicas, autoscaling, resources) come from the ``deployments:``
 section of the Serve config, which overrides the defaults below; the defaults are only
@@ -23,16 +30,23 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from .config import AppArgs, ModelConfig
+from .config import AppArgs, DetectorConfig, GrounderConfig, ModelConfig, SAMConfig
 from .errors import OverloadedError, unwrap
 from .ingress import create_app
 from .placement import replica_placement
 from .servers.llm import LLMServer
+from .servers.vision import DetectorServer, GrounderServer, SegmenterServer
 
 # Deployment names: the keys of the Serve config's `deployments:` list and of the
 # Modal classes. The ingress knows the others by service name.
 INGRESS = "Ingress"
-SERVICE_DEPLOYMENTS = {"llm": "LLM", "codegen": "Codegen"}
+SERVICE_DEPLOYMENTS = {
+    "llm": "LLM",
+    "codegen": "Codegen",
+    "detector": "Detector",
+    "sam": "SAM",
+    "grounder": "Grounder",
+}
 
 
 class RayHandle:
@@ -83,6 +97,39 @@ class _LLMReplica(LLMServer):
         await self.health()
 
 
+class _DetectorReplica(DetectorServer):
+    """A ``DetectorServer`` as a Ray Serve replica."""
+
+    async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
+        super().__init__(DetectorConfig.model_validate(config))
+        await self.start()
+
+    async def check_health(self) -> None:
+        await self.health()
+
+
+class _SAMReplica(SegmenterServer):
+    """A ``SegmenterServer`` as a Ray Serve replica."""
+
+    async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
+        super().__init__(SAMConfig.model_validate(config))
+        await self.start()
+
+    async def check_health(self) -> None:
+        await self.health()
+
+
+class _GrounderReplica(GrounderServer):
+    """A ``GrounderServer`` as a Ray Serve replica."""
+
+    async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
+        super().__init__(GrounderConfig.model_validate(config))
+        await self.start()
+
+    async def check_health(self) -> None:
+        await self.health()
+
+
 class _IngressReplica:
     """The FastAPI ingress; it holds a handle per service."""
 
@@ -96,6 +143,9 @@ class _IngressReplica:
 
 
 LLMDeployment = serve.deployment(ray_actor_options={"num_cpus": 0.5})(_LLMReplica)
+DetectorDeployment = serve.deployment(ray_actor_options={"num_cpus": 0.5})(_DetectorReplica)
+SAMDeployment = serve.deployment(ray_actor_options={"num_cpus": 0.5})(_SAMReplica)
+GrounderDeployment = serve.deployment(ray_actor_options={"num_cpus": 0.1})(_GrounderReplica)
 IngressDeployment = serve.deployment(ray_actor_options={"num_cpus": 0.25})(
     serve.ingress()(_IngressReplica)
 )
@@ -109,5 +159,18 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
             name=SERVICE_DEPLOYMENTS[service], **replica_placement(cfg)
         ).bind(cfg.model_dump(mode="json"))
         for service, cfg in parsed.model_configs().items()
+        if service != "detector"
     }
+    if parsed.detector is not None:
+        services["detector"] = DetectorDeployment.options(
+            name=SERVICE_DEPLOYMENTS["detector"]
+        ).bind(parsed.detector.model_dump(mode="json"))
+    if parsed.sam is not None:
+        services["sam"] = SAMDeployment.options(name=SERVICE_DEPLOYMENTS["sam"]).bind(
+            parsed.sam.model_dump(mode="json")
+        )
+    if parsed.grounder is not None:
+        services["grounder"] = GrounderDeployment.options(
+            name=SERVICE_DEPLOYMENTS["grounder"]
+        ).bind(parsed.grounder.model_dump(mode="json"))
     return IngressDeployment.options(name=INGRESS).bind(parsed.model_dump(mode="json"), services)

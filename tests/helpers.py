@@ -34,3 +34,42 @@ def assert_envelope(
     if code is not None:
         assert err["code"] == code, err
     return err
+
+
+def scene_png(width: int = 160, height: int = 120, seed: int = 0) -> bytes:
+    """A small synthetic photo stand-in: a few filled shapes on a gradient (PNG bytes).
+
+    Shapes compress well, so it stays a few kilobytes: under the contract app's limits.
+    """
+    import io
+    import random
+
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    image = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(image)
+    for y in range(height):
+        shade = int(60 + 120 * y / max(1, height - 1))
+        draw.line([(0, y), (width, y)], fill=(shade, shade, 200 - shade // 2))
+    for _ in range(4):
+        x0, y0 = rng.randrange(width // 2), rng.randrange(height // 2)
+        x1, y1 = x0 + rng.randrange(8, width // 2), y0 + rng.randrange(8, height // 2)
+        colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        if rng.random() < 0.5:
+            draw.ellipse((x0, y0, x1, y1), fill=colour)
+        else:
+            draw.rectangle((x0, y0, x1, y1), fill=colour)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def png_data_url(data: bytes) -> str:
+    return "data:image/png;base64," + b64(data)

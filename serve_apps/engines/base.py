@@ -55,6 +55,11 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # HF/vLLM semantics: logits of every token already in the prompt or the output are
+    # divided (positive) or multiplied (negative) by this. Rex-Omni decodes with 1.05.
+    repetition_penalty: float = 1.0
+    # False keeps special tokens in the text (Rex-Omni's output format is made of them).
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -63,6 +68,8 @@ class SamplingParams:
             raise ValueError("temperature must be >= 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError("repetition_penalty must be > 0")
 
 
 @dataclass
@@ -72,7 +79,8 @@ class GenerationRequest:
     prompt: str
     sampling: SamplingParams
     constraint: Constraint | None = None
-    # Images for vision-language engines; text-only engines reject them.
+    # Images for vision-language engines (PIL images, one per image placeholder in the
+    # templated prompt, in order); text-only engines reject them.
     images: Sequence[Any] = ()
     # Chat prompts come out of the chat template with their special tokens already in.
     add_special_tokens: bool = True
@@ -99,6 +107,9 @@ class ModelInfo:
     max_model_len: int
     eos_token_ids: tuple[int, ...]
     supports_images: bool = False
+    # Tokens (text form) a grammar must name as tokens (``<|im_end|>``), not as quoted
+    # strings, to match them: the constraint backend's special tokens.
+    special_tokens: frozenset[str] = frozenset()
 
 
 class LLMEngine(abc.ABC):
@@ -113,8 +124,13 @@ class LLMEngine(abc.ABC):
         """Facts about the loaded model (valid after :meth:`start`)."""
 
     @abc.abstractmethod
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        """Render chat messages into the prompt string the model expects."""
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        """Render chat messages into the prompt string the model expects.
+
+        ``content`` is a string, or (for engines whose ``info().supports_images``) a list
+        of parts ``{"type": "text", "text": ...}`` / ``{"type": "image"}``; each image part
+        becomes the model's image placeholder, filled by ``GenerationRequest.images``.
+        """
 
     @abc.abstractmethod
     def count_tokens(self, text: str) -> int:

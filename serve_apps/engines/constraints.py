@@ -90,6 +90,15 @@ class ConstraintCompiler:
     def vocab_size(self) -> int:
         return int(self._tokenizer.vocab_size)
 
+    def is_special_token(self, token_id: int) -> bool:
+        """Whether a grammar must name this token as a token (``<|im_end|>``) to match it.
+
+        llguidance's own verdict, which is not always the tokenizer's ``special`` flag: it
+        treats every added token (e.g. ``<123>`` added as an ordinary token) as special,
+        and a quoted string would only match that text spelled in byte-level tokens.
+        """
+        return bool(self._tokenizer.is_special_token(token_id))
+
     def matcher(self, constraint: Constraint) -> llguidance.LLMatcher:
         """A fresh matcher for one request; ``ConstraintError`` carries the compiler's message."""
         key = constraint_key(constraint)

@@ -14,6 +14,13 @@ step loop over a *running batch*:
 
 The event loop never waits on the model: outputs are handed to each request's asyncio
 queue with ``call_soon_threadsafe``.
+
+What is specific to a model family lives in four hooks, so that a vision-language model
+(:mod:`.transformers_vl`) reuses this scheduler instead of writing a second one:
+``_load_model`` (the model class, and a processor), ``_prompt_inputs`` (a request's
+token ids and extra tensors, made before it is queued), ``_prefill_kwargs`` (position ids
+and extra inputs of a prefill batch) and ``_step_position_ids`` (positions of one decode
+step).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import (
     ContextLengthError,
@@ -77,9 +84,25 @@ class IncrementalDetokenizer:
 
 
 @dataclass
+class PromptInputs:
+    """A request's model inputs, made before it is queued (off the scheduler thread).
+
+    ``extras`` holds model-specific tensors the prefill needs (e.g. ``pixel_values``);
+    it is dropped once the request is prefilled. ``position_offset`` is added to the
+    position of every generated token (multimodal RoPE: image tokens use fewer
+    positions than they take in the sequence, so positions run behind token counts).
+    """
+
+    ids: list[int]
+    extras: dict[str, Any] = field(default_factory=dict)
+    position_offset: int = 0
+
+
+@dataclass
 class _Sequence:
     request: GenerationRequest
     prompt_ids: list[int]
+    inputs: PromptInputs
     matcher: llguidance.LLMatcher | None
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue[Any]
@@ -91,6 +114,7 @@ class _Sequence:
     unsent_ids: list[int] = field(default_factory=list)
     n_ctx: int = 0  # real (non-padding) tokens in this row's KV cache
     next_token: int = -1  # sampled, not yet fed to the model
+    seen: set[int] = field(default_factory=set)  # prompt + output ids, for repetition_penalty
     done: bool = False
     cancelled: bool = False
 
@@ -120,6 +144,8 @@ def _torch_dtype(name: str):
 
 class TransformersEngine(LLMEngine):
     """A causal LM from ``from_pretrained(path_or_id)`` behind the engine contract."""
+
+    supports_images: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -155,7 +181,7 @@ class TransformersEngine(LLMEngine):
 
     def _load(self) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         device = self._device_cfg
         if device == "auto":
@@ -166,13 +192,7 @@ class TransformersEngine(LLMEngine):
             revision=self.revision,
             trust_remote_code=self._trust_remote_code,
         )
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            self.model_name_or_path,
-            revision=self.revision,
-            dtype=_torch_dtype(self._dtype),
-            trust_remote_code=self._trust_remote_code,
-        )
-        self.model = model.to(self.device).eval()
+        self.model = self._load_model().to(self.device).eval()
         self.compiler = ConstraintCompiler.for_hf_tokenizer(self.tokenizer)
         self.masker = BatchMasker(self.compiler.vocab_size)
 
@@ -188,12 +208,49 @@ class TransformersEngine(LLMEngine):
         text_config = self.model.config.get_text_config()
         limit = getattr(text_config, "max_position_embeddings", None) or 2048
         max_len = min(self._max_model_len_cfg or limit, limit)
+        specials = {
+            str(t.content)
+            for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items()
+            if i < self.compiler.vocab_size and self.compiler.is_special_token(i)
+        }
         self._info = ModelInfo(
             name_or_path=self.model_name_or_path,
             max_model_len=int(max_len),
             eos_token_ids=tuple(sorted(eos)),
+            supports_images=self.supports_images,
+            special_tokens=frozenset(specials),
         )
         logger.info("loaded %s on %s (max_model_len=%d)", self.model_name_or_path, device, max_len)
+
+    # ------------------------------------------------------- model-family hooks
+    def _load_model(self) -> Any:
+        """The model (on CPU; ``_load`` moves it). Subclasses load other model classes."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            self.model_name_or_path,
+            revision=self.revision,
+            dtype=_torch_dtype(self._dtype),
+            trust_remote_code=self._trust_remote_code,
+        )
+
+    async def _prompt_inputs(self, request: GenerationRequest) -> PromptInputs:
+        """Token ids (and extra tensors) of a request's prompt."""
+        return PromptInputs(
+            self._encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        )
+
+    def _prefill_kwargs(self, seqs: list[_Sequence], attn: torch.Tensor) -> dict[str, Any]:
+        """Model inputs of a left-padded prefill batch besides ids, mask and cache."""
+        return {"position_ids": (attn.cumsum(-1) - 1).clamp(min=0)}
+
+    def _step_position_ids(self, batch: list[_Sequence]) -> torch.Tensor:
+        """Positions of the tokens fed in one decode step, one per row."""
+        import torch
+
+        return torch.tensor(
+            [[s.n_ctx + s.inputs.position_offset] for s in batch], device=self.device
+        )
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -218,7 +275,7 @@ class TransformersEngine(LLMEngine):
             raise RuntimeError("engine not started")
         return self._info
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
         with self._tok_lock:
             return str(
                 self.tokenizer.apply_chat_template(
@@ -230,9 +287,9 @@ class TransformersEngine(LLMEngine):
         with self._tok_lock:
             return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
-    def _decode(self, ids: list[int]) -> str:
+    def _decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         with self._tok_lock:
-            return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+            return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def count_tokens(self, text: str) -> int:
         return len(self._encode(text, add_special_tokens=False))
@@ -261,12 +318,13 @@ class TransformersEngine(LLMEngine):
         """Everything that can reject a request, done before it is queued."""
         import torch
 
-        if request.images:
+        if request.images and not self.supports_images:
             raise UnsupportedError(
                 f"{self.model_name_or_path} is a text-only model; send no images"
             )
         info = self.info()
-        prompt_ids = self._encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        inputs = await self._prompt_inputs(request)
+        prompt_ids = inputs.ids
         if not prompt_ids:
             raise ContextLengthError("the prompt encodes to no tokens", param="prompt")
         budget = len(prompt_ids) + request.sampling.max_tokens
@@ -286,14 +344,17 @@ class TransformersEngine(LLMEngine):
                 generator.manual_seed(request.sampling.seed)
             else:
                 generator.seed()
+        skip_special = request.sampling.skip_special_tokens
         return _Sequence(
             request=request,
             prompt_ids=prompt_ids,
+            inputs=inputs,
             matcher=matcher,
             loop=asyncio.get_running_loop(),
             outputs=asyncio.Queue(),
-            detok=IncrementalDetokenizer(self._decode),
+            detok=IncrementalDetokenizer(lambda ids: self._decode(ids, skip_special)),
             generator=generator,
+            seen=set(prompt_ids) if request.sampling.repetition_penalty != 1.0 else set(),
         )
 
     # ---------------------------------------------------------------- scheduler
@@ -356,15 +417,17 @@ class TransformersEngine(LLMEngine):
             attn[i, longest - n :] = 1
             s.n_ctx = n
         ids, attn = ids.to(self.device), attn.to(self.device)
-        position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+        extra = self._prefill_kwargs(new, attn)
+        for s in new:
+            s.inputs.extras = {}  # pixel values and the like are not needed after this
         cache = DynamicCache()
         out = self.model(
             input_ids=ids,
             attention_mask=attn,
-            position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **extra,
         )
         self.counters.prefill_batches += 1
         self._sample(out.logits[:, -1, :].float(), new)
@@ -409,7 +472,7 @@ class TransformersEngine(LLMEngine):
         assert self._attn is not None
         batch = self._active
         ids = torch.tensor([[s.next_token] for s in batch], device=self.device)
-        positions = torch.tensor([[s.n_ctx] for s in batch], device=self.device)
+        positions = self._step_position_ids(batch)
         attn = torch.cat(
             [self._attn, torch.ones((len(batch), 1), dtype=self._attn.dtype, device=self.device)], 1
         )
@@ -460,6 +523,13 @@ class TransformersEngine(LLMEngine):
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> None:
         import torch
 
+        for i, s in enumerate(seqs):
+            penalty = s.request.sampling.repetition_penalty
+            if penalty != 1.0 and s.seen:
+                seen = torch.tensor(sorted(s.seen), dtype=torch.long, device=logits.device)
+                scores = logits[i].index_select(0, seen)
+                scores = torch.where(scores < 0, scores * penalty, scores / penalty)
+                logits[i].index_copy_(0, seen, scores)
         constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
         self.masker.apply(logits, constrained)
         for i, s in enumerate(seqs):
@@ -482,6 +552,8 @@ class TransformersEngine(LLMEngine):
         sp = s.request.sampling
         s.generated.append(token)
         s.unsent_ids.append(token)
+        if sp.repetition_penalty != 1.0:
+            s.seen.add(token)
         s.next_token = token
         self.counters.tokens_generated += 1
         finish: FinishReason | None = None

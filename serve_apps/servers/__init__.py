@@ -3,3 +3,32 @@
 A server owns one engine and speaks the wire schemas; the target adapters (``ray_app``,
 ``modal_adapter``) only wrap it. Methods that stream are async generators.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import AppArgs, Settings
+
+
+def create_servers(args: AppArgs, settings: Settings | None = None) -> dict[str, Any]:
+    """Service name -> a (not yet started) server for every service of ``args``.
+
+    What runs the whole graph in one process: wrap each in a ``LocalHandle`` and hand them
+    to ``create_app``. Every server has ``start()``, ``health()`` and ``shutdown()``.
+    """
+    from .llm import LLMServer
+    from .vision import DetectorServer, GrounderServer, SegmenterServer
+
+    servers: dict[str, Any] = {
+        "llm": LLMServer(args.llm, settings=settings),
+        "codegen": LLMServer(args.codegen, settings=settings),
+    }
+    if args.detector is not None:
+        servers["detector"] = DetectorServer(args.detector, settings=settings)
+    if args.sam is not None:
+        servers["sam"] = SegmenterServer(args.sam, settings=settings)
+    if args.grounder is not None:
+        servers["grounder"] = GrounderServer(args.grounder)
+    return servers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -38,6 +39,14 @@ logger = logging.getLogger(__name__)
 
 def _constraint(c: Constraints | None) -> Constraint | None:
     return None if c is None else Constraint(kind=c.kind, spec=c.spec)
+
+
+def _image_from_data_url(url: str) -> Any:
+    from ..images import decode_image, image_bytes_from_field
+
+    # The ingress enforced the byte and pixel limits; these only bound what reaches here
+    # some other way (a server called in-process).
+    return decode_image(image_bytes_from_field(url, max_bytes=1 << 30, param="image_url"))
 
 
 def _usage(out: GenerationOutput) -> Usage:
@@ -110,19 +119,35 @@ class LLMServer:
             seed=req.seed,
         )
 
-    def _chat_request(self, req: ChatCompletionRequest) -> GenerationRequest:
-        if any(m.has_images() for m in req.messages) and not self._engine.info().supports_images:
+    async def _chat_request(self, req: ChatCompletionRequest) -> GenerationRequest:
+        has_images = any(m.has_images() for m in req.messages)
+        if has_images and not self._engine.info().supports_images:
             raise UnsupportedError(
                 f"model {self.config.served_model_name} does not take images", param="messages"
             )
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in req.messages
-        ]
+        images: list[Any] = []
+        messages: list[dict[str, Any]] = []
+        for m in req.messages:
+            role = "system" if m.role == "developer" else m.role
+            if not m.has_images():
+                messages.append({"role": role, "content": m.text()})
+                continue
+            assert isinstance(m.content, list)
+            parts: list[dict[str, Any]] = []
+            for part in m.content:
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text or ""})
+                else:
+                    assert part.image_url is not None
+                    # The ingress has fetched URLs and checked the limits: data URLs only.
+                    images.append(await asyncio.to_thread(_image_from_data_url, part.image_url.url))
+                    parts.append({"type": "image"})
+            messages.append({"role": role, "content": parts})
         return GenerationRequest(
             prompt=self._engine.apply_chat_template(messages),
             sampling=self._sampling(req, req.requested_max_tokens()),
             constraint=_constraint(req.effective_constraints()),
+            images=images,
             add_special_tokens=False,
         )
 
@@ -135,7 +160,7 @@ class LLMServer:
 
     # --------------------------------------------------------------- OpenAI
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        gen = self._chat_request(req)
+        gen = await self._chat_request(req)
         out = await self._engine.generate_full(gen)
         return ChatCompletionResponse(
             id=f"chatcmpl-{gen.request_id}",
@@ -152,7 +177,7 @@ class LLMServer:
         )
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
-        gen = self._chat_request(req)
+        gen = await self._chat_request(req)
         created, rid = int(time.time()), f"chatcmpl-{gen.request_id}"
         model = self.config.served_model_name
 

@@ -1,6 +1,6 @@
 """Targets of the HTTP contract suite. ``CONTRACT_TARGETS`` (comma-separated) picks them.
 
-- ``inprocess``: ``create_app`` with ``LocalHandle``s over real ``LLMServer``s (smoke models);
+- ``inprocess``: ``create_app`` with ``LocalHandle``s over the real servers (smoke models);
 - ``ray``: the same app deployed with real Ray Serve, over real HTTP;
 - ``vllm``, ``vllm-ray``: the same two on the vLLM backend (opt-in lane: scripts/test-vllm).
 """
@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import httpx
 import pytest
@@ -24,27 +25,32 @@ async def _inprocess_app(raw_args):
     from serve_apps.config import AppArgs
     from serve_apps.handles import LocalHandle
     from serve_apps.ingress import create_app
-    from serve_apps.servers.llm import LLMServer
+    from serve_apps.servers import create_servers
 
     args = AppArgs.model_validate(raw_args)
-    servers = {name: LLMServer(cfg) for name, cfg in args.model_configs().items()}
+    servers = create_servers(args)
     # One after another: first imports of transformers' lazy modules are not thread-safe.
     for server in servers.values():
         await server.start()
     return create_app(args, {k: LocalHandle(v) for k, v in servers.items()}), servers
 
 
+class ContractClient(httpx.AsyncClient):
+    """An httpx client for one target; ``args`` are the ``AppArgs`` the target serves."""
+
+    def __init__(self, args: dict[str, Any], **kwargs: Any):
+        super().__init__(timeout=120, **kwargs)
+        self.args = args
+
+
 @pytest.fixture(scope="session", params=PARAMS)
 async def api(request):
-    """An httpx client whose base URL is the contract app on one target."""
+    """A :class:`ContractClient` whose base URL is the contract app on one target."""
+    args = VLLM_CONTRACT_ARGS if "vllm" in request.param else CONTRACT_ARGS
     if request.param in ("inprocess", "vllm"):
-        app, servers = await _inprocess_app(
-            CONTRACT_ARGS if request.param == "inprocess" else VLLM_CONTRACT_ARGS
-        )
+        app, servers = await _inprocess_app(args)
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://inprocess", timeout=120
-        ) as c:
+        async with ContractClient(args, transport=transport, base_url="http://inprocess") as c:
             yield c
         for server in servers.values():
             await server.shutdown()
@@ -52,7 +58,7 @@ async def api(request):
         url = request.getfixturevalue(
             "ray_serve_url" if request.param == "ray" else "vllm_ray_serve_url"
         )
-        async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        async with ContractClient(args, base_url=url) as c:
             yield c
     else:
         raise pytest.UsageError(f"unknown contract target {request.param!r}")

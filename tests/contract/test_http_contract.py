@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import assert_envelope, sse_events
 
-LLM, CODEGEN = "smoke-llm", "smoke-codegen"
+LLM, CODEGEN, DETECTOR = "smoke-llm", "smoke-codegen", "smoke-detector"
 
 SCHEMA = {
     "type": "object",
@@ -34,20 +34,27 @@ def chat(model=LLM, content="Say something.", **kw):
 
 
 # ------------------------------------------------------------------ discovery
+def served_models(args) -> set[str]:
+    return {args[s]["served_model_name"] for s in ("llm", "codegen", "detector") if args.get(s)}
+
+
 async def test_health(api):
     r = await api.get("/health")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "models": [CODEGEN, LLM]}
+    assert r.json() == {"status": "ok", "models": sorted(served_models(api.args))}
 
 
-async def test_models_list_both_services_and_say_they_are_smoke_models(api):
+async def test_models_list_every_model_service_and_say_they_are_smoke_models(api):
     r = await api.get("/v1/models")
     assert r.status_code == 200
     body = r.json()
     assert body["object"] == "list"
     cards = {m["id"]: m for m in body["data"]}
-    assert set(cards) == {LLM, CODEGEN}
+    assert set(cards) == served_models(api.args)
     assert cards[LLM]["service"] == "llm" and cards[CODEGEN]["service"] == "codegen"
+    if DETECTOR in cards:
+        assert cards[DETECTOR]["service"] == "detector"
+        assert "Qwen2.5-VL" in cards[DETECTOR]["description"]
     for card in cards.values():
         assert card["object"] == "model" and card["smoke"] is True
         assert "random weights" in card["description"]

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, free_port
+from tests.helpers import b64, scene_png
 
 pytestmark = pytest.mark.e2e
 
@@ -135,3 +136,24 @@ def test_openai_client_sees_errors_as_api_errors(client):
             model="smoke-llm", messages=[{"role": "user", "content": "x"}], max_tokens=100000
         )
     assert info.value.body["code"] == "context_length_exceeded"
+
+
+def test_vision_routes_through_serve_run(served):
+    """config.yaml's detector, SAM and grounder deployments answer through the ingress."""
+    image = b64(scene_png(160, 120, seed=5))
+    caption = "a dog next to a red ball"
+    r = httpx.post(f"{served}/v1/ground", json={"image": image, "caption": caption}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["phrases"] == ["a dog", "a red ball"]
+    for annotation in body["annotations"]:
+        assert len(annotation["masks"]) == len(annotation["boxes"])
+    r = httpx.post(
+        f"{served}/v1/detect",
+        json={"image": image, "categories": ["dog"], "visualize": True},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["visualization"].startswith("data:image/png;base64,")
+    models = httpx.get(f"{served}/v1/models", timeout=10).json()["data"]
+    assert "smoke-detector" in {m["id"] for m in models}

@@ -5,11 +5,24 @@ import asyncio
 import pytest
 
 from serve_apps.engines.base import Constraint, GenerationRequest, SamplingParams
-from serve_apps.errors import ConstraintError, ContextLengthError, UnsupportedError
+from serve_apps.errors import (
+    ConstraintError,
+    ContextLengthError,
+    InvalidRequestError,
+    UnsupportedError,
+)
 from tests.fakes import FakeEngine
 
+ENGINE_FIXTURES = {
+    "transformers": "smoke_engine",
+    "transformers-vl": "smoke_vl_engine",
+    "vllm": "smoke_vllm_engine",
+}
 
-@pytest.fixture(params=["fake", "transformers", pytest.param("vllm", marks=pytest.mark.vllm)])
+
+@pytest.fixture(
+    params=["fake", "transformers", "transformers-vl", pytest.param("vllm", marks=pytest.mark.vllm)]
+)
 def engine(request):
     # Not async: the real engines are async session fixtures, fetched by name so that
     # each lane starts only the engines it runs.
@@ -17,9 +30,7 @@ def engine(request):
         eng = FakeEngine(reply="alpha beta gamma delta epsilon zeta eta theta iota kappa")
         asyncio.run(eng.start())
         return eng
-    if request.param == "vllm":
-        return request.getfixturevalue("smoke_vllm_engine")
-    return request.getfixturevalue("smoke_engine")
+    return request.getfixturevalue(ENGINE_FIXTURES[request.param])
 
 
 def req(max_tokens=8, **kw):
@@ -82,6 +93,11 @@ async def test_context_overflow_fails_before_the_first_output(engine):
 
 
 async def test_images_to_a_text_model_are_unsupported(engine):
+    if engine.info().supports_images:
+        # A vision model takes images, one per image placeholder in the prompt.
+        with pytest.raises(InvalidRequestError, match="placeholder"):
+            await anext(engine.generate(req(images=[object()])))
+        return
     with pytest.raises(UnsupportedError):
         await anext(engine.generate(req(images=[object()])))
 

@@ -17,6 +17,10 @@ ARGS = AppArgs.model_validate(
         "llm": {"served_model_name": "fake-llm"},
         "codegen": {"served_model_name": "fake-codegen"},
         "limits": {"max_tokens": 100, "max_request_bytes": 4096},
+        # The vision routes have their own tests (tests/unit/test_vision_pipelines.py).
+        "detector": None,
+        "sam": None,
+        "grounder": None,
     }
 )
 

@@ -2,7 +2,18 @@ import json
 import subprocess
 import sys
 
-HEAVY = ["torch", "ray", "transformers", "modal", "llguidance", "vllm", "spacy", "segment_anything"]
+HEAVY = [
+    "torch",
+    "ray",
+    "transformers",
+    "modal",
+    "llguidance",
+    "vllm",
+    "spacy",
+    "segment_anything",
+    "cv2",
+    "PIL",
+]
 
 
 def test_importing_the_package_and_its_light_modules_loads_no_heavy_dependency():
@@ -13,6 +24,9 @@ def test_importing_the_package_and_its_light_modules_loads_no_heavy_dependency()
         "import serve_apps.engines, serve_apps.engines.base, serve_apps.servers.llm\n"
         # Selecting the vLLM backend by name imports vLLM only when the engine starts.
         "import serve_apps.placement, serve_apps.engines.vllm_llm\n"
+        "import serve_apps.images, serve_apps.schemas.vision, serve_apps.vision_routes\n"
+        "import serve_apps.services.vision, serve_apps.servers.vision\n"
+        "import serve_apps.engines.detection, serve_apps.engines.batching\n"
         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,0 +1,184 @@
+"""Vision-language engine on transformers: the same continuous-batching scheduler, with images.
+
+:class:`TransformersVLEngine` is :class:`~.transformers_llm.TransformersEngine` with its
+model-family hooks filled in for image-text-to-text models loaded with ``AutoProcessor`` /
+``AutoModelForImageTextToText.from_pretrained(path_or_id)`` (Qwen2-VL, Qwen2.5-VL and
+therefore Rex-Omni, which is a fine-tuned Qwen2.5-VL):
+
+- the processor turns the templated prompt and its images into token ids (each image
+  placeholder expanded to the image's patch count), ``pixel_values`` and
+  ``image_grid_thw``; this runs before the request is queued, in a worker thread, so the
+  scheduler thread only runs the model;
+- a prefill batch concatenates its rows' ``pixel_values`` and grids (the model scatters
+  image features into the placeholders in row-major order, which is the row order);
+- multimodal RoPE (models with ``get_rope_index``): positions are 3-D and image tokens
+  take fewer positions than tokens. They are computed per request from its own ids and
+  grid, and every later token's position is ``tokens so far + offset`` with the request's
+  own offset. The model keeps a ``rope_deltas`` attribute for this, but it is one value
+  shared by every caller, so it is never relied on: explicit ``position_ids`` are always
+  passed, which also keeps the model from writing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import InvalidRequestError
+from .base import GenerationRequest
+from .transformers_llm import PromptInputs, TransformersEngine, _Sequence, _torch_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+
+class TransformersVLEngine(TransformersEngine):
+    """An image-text-to-text model behind the LLM engine contract; takes images."""
+
+    supports_images: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        image_min_pixels: int | None = None,
+        image_max_pixels: int | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(model, **kwargs)
+        self._image_min_pixels = image_min_pixels
+        self._image_max_pixels = image_max_pixels
+        # The processor has its own tokenizer object, so preparing a request (in a worker
+        # thread) never contends with detokenizing on the scheduler thread.
+        self._proc_lock = threading.Lock()
+
+    def _load_model(self) -> Any:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(
+            self.model_name_or_path,
+            revision=self.revision,
+            trust_remote_code=self._trust_remote_code,
+        )
+        self._set_pixel_bounds(self.processor.image_processor)
+        model: Any = AutoModelForImageTextToText.from_pretrained(
+            self.model_name_or_path,
+            revision=self.revision,
+            dtype=_torch_dtype(self._dtype),
+            trust_remote_code=self._trust_remote_code,
+        )
+        inner = getattr(model, "model", None)
+        self._rope_index = getattr(inner, "get_rope_index", None)
+        self._image_token: str | None = getattr(self.processor, "image_token", None)
+        image_token_id = getattr(model.config, "image_token_id", None)
+        self._image_token_id = -1 if image_token_id is None else int(image_token_id)
+        return model
+
+    def _set_pixel_bounds(self, image_processor: Any) -> None:
+        """Apply the configured image resolution bounds (Qwen-VL processors' pixel budget)."""
+        # transformers 5 keeps the budget in ``size`` (a SizeDict); the old ``min_pixels``
+        # / ``max_pixels`` attributes are deprecated.
+        size = getattr(image_processor, "size", None)
+        for value, key in (
+            (self._image_min_pixels, "shortest_edge"),
+            (self._image_max_pixels, "longest_edge"),
+        ):
+            if value is None:
+                continue
+            if size is None or key not in size:
+                raise ValueError(
+                    f"{type(image_processor).__name__} has no pixel budget ({key}) to set"
+                )
+            size[key] = value
+
+    # ----------------------------------------------------------------- contract
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        with self._proc_lock:
+            return str(
+                self.processor.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            )
+
+    # ------------------------------------------------------- model-family hooks
+    async def _prompt_inputs(self, request: GenerationRequest) -> PromptInputs:
+        # Image preprocessing is real CPU work: keep it off the event loop.
+        return await asyncio.to_thread(self._vl_inputs, request)
+
+    def _vl_inputs(self, request: GenerationRequest) -> PromptInputs:
+        import torch
+
+        images = list(request.images)
+        if self._image_token is not None:
+            placeholders = request.prompt.count(self._image_token)
+            if placeholders != len(images):
+                raise InvalidRequestError(
+                    f"the prompt has {placeholders} image placeholder(s) but "
+                    f"{len(images)} image(s) were given",
+                    param="messages",
+                    code="image_count_mismatch",
+                )
+        with self._proc_lock:
+            try:
+                enc = self.processor(
+                    text=[request.prompt],
+                    images=images or None,
+                    return_tensors="pt",
+                    add_special_tokens=request.add_special_tokens,
+                )
+            except (ValueError, TypeError) as e:
+                # The processor rejects images it cannot handle (e.g. too small to patch).
+                raise InvalidRequestError(
+                    f"the model's processor rejected the input: {e}", code="invalid_image"
+                ) from e
+        input_ids: torch.Tensor = enc["input_ids"]
+        extras: dict[str, Any] = {}
+        if images:
+            extras["pixel_values"] = enc["pixel_values"]
+            extras["image_grid_thw"] = enc["image_grid_thw"]
+        offset = 0
+        if self._rope_index is not None:
+            mm_types = enc.get("mm_token_type_ids")
+            if mm_types is None:
+                # Without it the model silently falls back to text positions; build it.
+                mm_types = input_ids.eq(self._image_token_id).to(torch.int32)
+            with torch.inference_mode():
+                positions, deltas = self._rope_index(
+                    input_ids,
+                    mm_token_type_ids=mm_types,
+                    image_grid_thw=extras.get("image_grid_thw"),
+                )
+            extras["positions"] = positions[:, 0, :]  # (3, prompt length)
+            offset = int(deltas.reshape(-1)[0])
+        return PromptInputs(input_ids[0].tolist(), extras, position_offset=offset)
+
+    def _prefill_kwargs(self, seqs: list[_Sequence], attn: torch.Tensor) -> dict[str, Any]:
+        import torch
+
+        kwargs: dict[str, Any] = {}
+        if self._rope_index is not None:
+            width = attn.shape[1]
+            positions = torch.zeros((3, len(seqs), width), dtype=torch.long)
+            for i, s in enumerate(seqs):
+                row = s.inputs.extras["positions"]
+                positions[:, i, width - row.shape[1] :] = row
+            kwargs["position_ids"] = positions.to(self.device)
+        else:
+            kwargs.update(super()._prefill_kwargs(seqs, attn))
+        with_images = [s.inputs.extras for s in seqs if "pixel_values" in s.inputs.extras]
+        if with_images:
+            kwargs["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images]).to(
+                self.device
+            )
+            kwargs["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images]).to(
+                self.device
+            )
+        return kwargs
+
+    def _step_position_ids(self, batch: list[_Sequence]) -> torch.Tensor:
+        positions = super()._step_position_ids(batch)  # (batch, 1): n_ctx + offset
+        if self._rope_index is None:
+            return positions
+        # Text tokens after the image advance all three RoPE axes together.
+        return positions.unsqueeze(0).expand(3, -1, -1)

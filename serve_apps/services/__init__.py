@@ -1,0 +1,1 @@
+"""Pipelines: target-neutral code in the ingress that composes services through handles."""

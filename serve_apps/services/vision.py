@@ -1,0 +1,402 @@
+"""The vision pipelines, written once for every target. They run in the ingress and reach
+the detector, SAM and the grounder only through handles (:mod:`serve_apps.handles`).
+
+- detect:  image -> Detector.detect
+- segment: image + boxes -> SAM.segment
+           image + categories -> Detector.detect -> SAM.segment(boxes), while SAM.encode
+           runs alongside the detection
+- ground:  image + caption -> Grounder.phrases -> Detector.detect(phrases) -> SAM.segment,
+           while SAM.encode runs alongside both
+
+The image is fetched (``image_url``), checked against the limits and decoded here once;
+the services receive the validated file bytes (much smaller than pixels on the wire) and
+decode what they need. Starting ``SAM.encode`` before the boxes are known puts the
+expensive part of SAM (the image encoder) in parallel with the detector, on its own
+deployment; ``SAM.segment`` then finds the embedding cached (or joins the encoding still
+in progress) and only runs the mask decoder. With several SAM replicas the two calls can
+land on different replicas; the result is the same, the head start is then lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..config import AppArgs
+from ..errors import ContextLengthError, ImageError, InvalidRequestError, UnsupportedError
+from ..handles import Handle
+from ..schemas.vision import (
+    DetectCall,
+    DetectRequest,
+    DetectResponse,
+    DetectResult,
+    EncodeResult,
+    GroundAnnotation,
+    GroundRequest,
+    GroundResponse,
+    ImageRequest,
+    Mask,
+    PhraseResult,
+    SAMResult,
+    SegmentRequest,
+    SegmentResponse,
+    SegmentResult,
+    Shape,
+)
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..schemas.openai import ChatCompletionRequest
+    from .visualize import Overlay
+
+T = TypeVar("T")
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
+def _flat(shape: Shape) -> list[float]:
+    """Coordinates of a box or point (flat); polygons are never asked of the detector."""
+    return [float(v) for v in shape.coords if not isinstance(v, list)]
+
+
+async def _timed(awaitable: Awaitable[T]) -> tuple[T, float]:
+    t0 = time.perf_counter()
+    result = await awaitable
+    return result, _ms(t0)
+
+
+async def _encode(sam: Handle, data: bytes) -> tuple[EncodeResult, float]:
+    # The handle call is made inside the task, so a task cancelled before it starts
+    # leaves no un-awaited coroutine behind.
+    result: EncodeResult
+    result, ms = await _timed(sam.call("encode", data))
+    return result, ms
+
+
+class VisionPipelines:
+    def __init__(self, args: AppArgs, handles: Mapping[str, Handle]):
+        self.args = args
+        self.handles = handles
+
+    def _max_boxes(self) -> int:
+        assert self.args.sam is not None
+        return self.args.sam.max_boxes
+
+    def _handle(self, service: str, why: str) -> Handle:
+        handle = self.handles.get(service)
+        if handle is None:
+            raise UnsupportedError(f"{why} needs the {service} service, which is not configured")
+        return handle
+
+    # ---------------------------------------------------------------- image
+    async def load_image(
+        self, req: ImageRequest, timings: dict[str, float]
+    ) -> tuple[bytes, Image.Image]:
+        """The request's image: bytes (limits checked) and pixels (decoded once, here)."""
+        from ..images import decode_image, resolve_image
+
+        limits = self.args.images
+        t0 = time.perf_counter()
+        data = await resolve_image(req.image, req.image_url, limits)
+        if req.image_url is not None and not req.image_url.startswith("data:"):
+            timings["fetch"] = _ms(t0)
+        t0 = time.perf_counter()
+        image = await asyncio.to_thread(
+            decode_image, data, limits.max_image_pixels, "image" if req.image else "image_url"
+        )
+        timings["decode"] = _ms(t0)
+        return data, image
+
+    async def _overlay(
+        self, image: Image.Image, overlay: Overlay, timings: dict[str, float]
+    ) -> str:
+        from .visualize import render_png
+
+        t0 = time.perf_counter()
+        png = await asyncio.to_thread(render_png, image, overlay)
+        timings["visualize"] = _ms(t0)
+        return png
+
+    # --------------------------------------------------------------- detect
+    async def detect(self, req: DetectRequest) -> DetectResponse:
+        from .visualize import Overlay
+
+        t_start = time.perf_counter()
+        detector = self._handle("detector", "/v1/detect")
+        categories = self._check_detection(req.categories, req.max_tokens)
+        timings: dict[str, float] = {}
+        data, image = await self.load_image(req, timings)
+        result, timings["detect"] = await _timed(
+            self._detect(detector, data, categories, req.task, req.max_tokens)
+        )
+        visualization = None
+        if req.visualize:
+            overlay = Overlay()
+            for category, shapes in result.predictions.items():
+                for shape in shapes:
+                    target = overlay.boxes if shape.type == "box" else overlay.points
+                    target.append((category, _flat(shape)))
+            visualization = await self._overlay(image, overlay, timings)
+        timings["total"] = _ms(t_start)
+        return DetectResponse(
+            model=result.model,
+            task=req.task,
+            image_size=result.image_size,
+            categories=list(result.predictions),
+            extracted_predictions=result.predictions,
+            raw_output=result.raw_output,
+            finish_reason=result.finish_reason,
+            num_output_tokens=result.num_output_tokens,
+            num_prompt_tokens=result.num_prompt_tokens,
+            inference_time=result.inference_time,
+            generation_time=result.generation_time,
+            timings_ms=timings,
+            visualization=visualization,
+        )
+
+    def _check_detection(self, categories: list[str], max_tokens: int | None) -> list[str]:
+        """What the detector would refuse, refused before the image is fetched or decoded."""
+        from ..engines.detection import validate_categories
+
+        detector_cfg = self.args.detector
+        assert detector_cfg is not None
+        self._check_max_tokens(max_tokens)
+        return validate_categories(categories, detector_cfg.max_categories)
+
+    def _check_max_tokens(self, max_tokens: int | None) -> None:
+        if max_tokens is not None and max_tokens > self.args.limits.max_tokens:
+            raise ContextLengthError(
+                f"max_tokens {max_tokens} is over this service's limit of "
+                f"{self.args.limits.max_tokens}",
+                param="max_tokens",
+            )
+
+    async def _detect(
+        self,
+        detector: Handle,
+        data: bytes,
+        categories: list[str],
+        task: Any,
+        max_tokens: int | None,
+    ) -> DetectResult:
+        call = DetectCall(image=data, categories=categories, task=task, max_tokens=max_tokens)
+        result: DetectResult = await detector.call("detect", call)
+        return result
+
+    # -------------------------------------------------------------- segment
+    async def segment(self, req: SegmentRequest) -> SegmentResponse:
+        from .visualize import Overlay
+
+        t_start = time.perf_counter()
+        sam = self._handle("sam", "/v1/segment")
+        max_boxes = self._max_boxes()
+        if req.boxes is not None and len(req.boxes) > max_boxes:
+            raise InvalidRequestError(
+                f"{len(req.boxes)} boxes is over this service's limit of {max_boxes}",
+                param="boxes",
+                code="too_many_boxes",
+            )
+        categories: list[str] = []
+        if req.categories is not None:
+            self._handle("detector", "/v1/segment with categories")
+            categories = self._check_detection(req.categories, req.max_tokens)
+        timings: dict[str, float] = {}
+        data, image = await self.load_image(req, timings)
+        notes: list[str] = []
+        predictions: dict[str, list[Shape]] | None = None
+        labelled: list[tuple[str | None, list[float]]]
+        encode: asyncio.Task[tuple[EncodeResult, float]] | None = None
+        try:
+            if req.boxes is not None:
+                labelled = [(None, list(b)) for b in req.boxes]
+            else:
+                assert req.categories is not None
+                detector = self._handle("detector", "/v1/segment with categories")
+                # SAM's image encoder runs while the detector works.
+                encode = asyncio.ensure_future(_encode(sam, data))
+                result, timings["detect"] = await _timed(
+                    self._detect(detector, data, categories, "detection", req.max_tokens)
+                )
+                predictions = result.predictions
+                labelled = [
+                    (category, _flat(shape))
+                    for category, shapes in result.predictions.items()
+                    for shape in shapes
+                    if shape.type == "box"
+                ]
+                if len(labelled) > max_boxes:
+                    notes.append(f"only the first {max_boxes} of {len(labelled)} boxes segmented")
+                    labelled = labelled[:max_boxes]
+            masks, seg = await self._masks(sam, data, [b for _, b in labelled], encode, timings)
+        finally:
+            if encode is not None and not encode.done():
+                encode.cancel()
+        results = [
+            SAMResult(category=category, **mask.model_dump())
+            for (category, _), mask in zip(labelled, masks, strict=True)
+        ]
+        visualization = None
+        if req.visualize:
+            overlay = Overlay(
+                boxes=[(r.category or f"box {i}", r.box) for i, r in enumerate(results)],
+                polygons=[(r.category or f"box {i}", r.polygons) for i, r in enumerate(results)],
+            )
+            visualization = await self._overlay(image, overlay, timings)
+        timings["total"] = _ms(t_start)
+        return SegmentResponse(
+            image_size=image.size,
+            sam_results=results,
+            predictions=predictions,
+            message="; ".join(notes)
+            or (None if results else "no boxes to segment (nothing was detected)"),
+            embedding_cache_hit=None if seg is None else seg.cache_hit,
+            timings_ms=timings,
+            visualization=visualization,
+        )
+
+    async def _masks(
+        self,
+        sam: Handle,
+        data: bytes,
+        boxes: list[list[float]],
+        encode: asyncio.Task[tuple[EncodeResult, float]] | None,
+        timings: dict[str, float],
+    ) -> tuple[list[Mask], SegmentResult | None]:
+        """SAM masks for ``boxes``, and the timings of SAM's stages."""
+        if not boxes:
+            return [], None  # nothing to segment: the head-start encoding is abandoned
+        seg: SegmentResult
+        seg, timings["segment"] = await _timed(sam.call("segment", data, boxes))
+        encode_ms = seg.timings_ms.get("encode", 0.0)
+        if encode is not None:
+            try:
+                encoded, _ = await encode
+                encode_ms = max(encode_ms, encoded.timings_ms.get("encode", 0.0))
+            except Exception:
+                # The segment call succeeded, so the image is fine; a failed head start
+                # (e.g. the encode landed on a replica that went away) changes nothing.
+                pass
+        timings["encode"] = encode_ms
+        timings["decode_masks"] = seg.timings_ms.get("decode_masks", 0.0)
+        timings["polygons"] = seg.timings_ms.get("polygons", 0.0)
+        return seg.masks, seg
+
+    # --------------------------------------------------------------- ground
+    async def ground(self, req: GroundRequest) -> GroundResponse:
+        from ..engines.detection import check_category
+        from .visualize import Overlay
+
+        t_start = time.perf_counter()
+        grounder = self._handle("grounder", "/v1/ground")
+        detector = self._handle("detector", "/v1/ground")
+        sam = self._handle("sam", "/v1/ground")
+        self._check_max_tokens(req.max_tokens)
+        timings: dict[str, float] = {}
+        data, image = await self.load_image(req, timings)
+        notes: list[str] = []
+        encode = asyncio.ensure_future(_encode(sam, data))
+        try:
+            found: list[PhraseResult]
+            found, timings["phrases"] = await _timed(grounder.call("phrases", req.caption))
+            detector_cfg = self.args.detector
+            assert detector_cfg is not None
+            # Phrases the detector format cannot carry (a "<" or ","), and any beyond the
+            # detector's category limit, are left out of detection (and reported empty).
+            usable = [p for p in found if check_category(p.text) is None]
+            usable = usable[: detector_cfg.max_categories]  # validate_categories would pass
+            by_phrase: dict[str, list[list[float]]] = {p.text: [] for p in found}
+            seg: SegmentResult | None = None
+            masks: list[Mask] = []
+            if usable:
+                result, timings["detect"] = await _timed(
+                    self._detect(
+                        detector, data, [p.text for p in usable], "detection", req.max_tokens
+                    )
+                )
+                budget = self._max_boxes()
+                for phrase, shapes in result.predictions.items():
+                    boxes = [_flat(s) for s in shapes if s.type == "box"]
+                    by_phrase[phrase] = boxes[: max(0, budget)]
+                    budget -= len(boxes)
+                if budget < 0:
+                    notes.append(
+                        f"only the first {self._max_boxes()} of "
+                        f"{self._max_boxes() - budget} boxes segmented"
+                    )
+                boxes = [box for p in found for box in by_phrase[p.text]]
+                masks, seg = await self._masks(sam, data, boxes, encode, timings)
+        finally:
+            if not encode.done():
+                encode.cancel()
+        annotations: list[GroundAnnotation] = []
+        cursor = 0
+        for p in found:
+            n = len(by_phrase[p.text])
+            annotations.append(
+                GroundAnnotation(
+                    phrase=p.text,
+                    start_char=p.start_char,
+                    end_char=p.end_char,
+                    boxes=by_phrase[p.text],
+                    masks=masks[cursor : cursor + n],
+                )
+            )
+            cursor += n
+        visualization = None
+        if req.visualize:
+            overlay = Overlay()
+            for a in annotations:
+                overlay.boxes.extend((a.phrase, b) for b in a.boxes)
+                overlay.polygons.extend((a.phrase, m.polygons) for m in a.masks)
+            visualization = await self._overlay(image, overlay, timings)
+        timings["total"] = _ms(t_start)
+        if not found:
+            notes.append("the caption has no noun phrases")
+        elif not any(a.boxes for a in annotations):
+            notes.append("no phrase was detected in the image")
+        return GroundResponse(
+            image_size=image.size,
+            caption=req.caption,
+            phrases=[p.text for p in found],
+            annotations=annotations,
+            message="; ".join(notes) or None,
+            embedding_cache_hit=None if seg is None else seg.cache_hit,
+            timings_ms=timings,
+            visualization=visualization,
+        )
+
+
+async def resolve_chat_images(req: ChatCompletionRequest, args: AppArgs) -> None:
+    """Fetch and check every image of a chat request, in place: afterwards each image part
+    is a ``data:`` URL within the limits, which is all a model server accepts."""
+    from ..images import decode_image, resolve_image
+
+    limits = args.images
+    for i, message in enumerate(req.messages):
+        if not message.has_images():
+            continue
+        assert isinstance(message.content, list)
+        parts = [p for p in message.content if p.type == "image_url"]
+        if len(parts) > limits.max_images_per_message:
+            raise ImageError(
+                f"message {i} has {len(parts)} images, over the limit of "
+                f"{limits.max_images_per_message}",
+                param=f"messages.{i}.content",
+            )
+        for part in parts:
+            if part.image_url is None:
+                raise ImageError("an image_url part needs image_url.url", param=f"messages.{i}")
+            url = part.image_url.url
+            data = await resolve_image(None, url, limits)
+            await asyncio.to_thread(decode_image, data, limits.max_image_pixels, "image_url")
+            if not url.startswith("data:"):
+                import base64
+
+                part.image_url.url = (
+                    "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+                )
