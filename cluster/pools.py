@@ -230,7 +230,9 @@ CPU = Pool(
             pod_cpus=6,
             pod_memory_gib=24,
             node_selector={"node.kubernetes.io/instance-type": "n2-standard-8"},
-            max_nodes=4,
+            # Six CPU-pool services (ingress, grounder, and every replica of a CPU-only
+            # config) each get a node in the worst-case packing; CPU nodes are cheap.
+            max_nodes=8,
         ),
         "eks": NodeShape(
             cloud="eks",
@@ -241,7 +243,7 @@ CPU = Pool(
             pod_cpus=6,
             pod_memory_gib=24,
             node_selector={"node.kubernetes.io/instance-type": "m6i.2xlarge"},
-            max_nodes=4,
+            max_nodes=8,
         ),
     },
 )

@@ -61,13 +61,17 @@ def test_one_worker_group_per_pool_with_bounds_from_the_deployments(rendered, pr
     assert not findings
     workers = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert [w["groupName"] for w in workers] == [g.pool.name for g in groups]
-    assert [w["groupName"] for w in workers] == ["a100-80gb", "cpu"]
+    assert [w["groupName"] for w in workers] == ["a100-80gb", "a100-40gb", "cpu"]
     for w, g in zip(workers, groups, strict=True):
         assert (w["minReplicas"], w["maxReplicas"]) == (g.min_nodes, g.max_nodes)
         assert w["replicas"] == w["minReplicas"]
     bounds = {w["groupName"]: (w["minReplicas"], w["maxReplicas"]) for w in workers}
-    # LLM 1..3 and Codegen 0..2 at 1 GPU each; Ingress 1..2 at 1 CPU of a 6-CPU pod
-    expected = {"gke": {"a100-80gb": (1, 5), "cpu": (1, 1)}, "eks": {"a100-80gb": (1, 2)}}
+    # LLM 1..3 and Codegen 0..2 at 1 GPU each; Detector 1..2 and SAM 1..2 at half a GPU
+    # (two per 1-GPU node); Ingress 1..2 and Grounder 1..2 at 1 CPU of a 6-CPU pod.
+    expected = {
+        "gke": {"a100-80gb": (1, 5), "a100-40gb": (1, 2), "cpu": (1, 2)},
+        "eks": {"a100-80gb": (1, 2), "a100-40gb": (1, 2)},
+    }
     assert bounds.items() >= expected[cloud].items()
 
 
