@@ -25,14 +25,23 @@ REPLICA_CPUS = 1.0
 
 
 def worker_bundles(config: ModelConfig) -> list[dict[str, float]]:
-    """One resource bundle per engine worker; empty when the replica runs the engine alone."""
+    """One resource bundle per engine worker; empty when the replica's own resources do.
+
+    With one worker (``tensor_parallel_size: 1``) vLLM's multiprocessing executor starts it
+    as a child of the replica process, and the child inherits the GPU Ray gave the replica
+    (``CUDA_VISIBLE_DEVICES``): the deployment's ``ray_actor_options`` (``num_gpus: 1``,
+    ``accelerator_type``) are then the whole reservation, as for the transformers engine.
+    A placement group would be wrong there: the replica would hold the bundle's GPU that
+    its own worker needs.
+    """
     if config.backend != "vllm":
         return []  # the transformers engine runs inside the replica process
     workers = config.vllm_options.tensor_parallel_size
+    if workers == 1:
+        return []
     if config.device == "cpu":
-        # vLLM's CPU build: workers are local processes, one per CPU group. Only worth a
-        # placement group when there are several of them.
-        return [{"CPU": 1.0} for _ in range(workers)] if workers > 1 else []
+        # vLLM's CPU build: workers are local processes, one per CPU group.
+        return [{"CPU": 1.0} for _ in range(workers)]
     return [{"GPU": 1.0} for _ in range(workers)]
 
 

@@ -15,7 +15,14 @@ def test_transformers_replicas_need_no_placement_group():
     assert replica_placement(config(device="cuda")) == {}
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_vllm_with_one_gpu_worker_uses_the_replicas_own_gpu():
+    # The worker is a child process of the replica and inherits its GPU; a bundle would
+    # make the replica hold the GPU its worker needs.
+    assert replica_placement(config(backend="vllm")) == {}
+    assert replica_placement(config(backend="vllm", vllm={"tensor_parallel_size": 1})) == {}
+
+
+@pytest.mark.parametrize("tp", [2, 4])
 def test_vllm_on_gpus_gets_one_gpu_bundle_per_worker_and_the_replica_in_the_first(tp):
     placement = replica_placement(config(backend="vllm", vllm={"tensor_parallel_size": tp}))
     bundles = placement["placement_group_bundles"]
