@@ -390,6 +390,8 @@ class VLLMEngine(LLMEngine):
                 top_p=sp.top_p,
                 stop=list(sp.stop) or None,
                 seed=sp.seed,
+                repetition_penalty=sp.repetition_penalty,
+                skip_special_tokens=sp.skip_special_tokens,
                 output_kind=RequestOutputKind.DELTA,
                 structured_outputs=(
                     _structured_outputs(request.constraint) if request.constraint else None

@@ -180,3 +180,21 @@ async def test_requests_beyond_batch_plus_queue_are_rejected_before_any_output(
         await stream.aclose()
     out = await smoke_vllm_engine.generate_full(sampled("room again", n=4))
     assert out.completion_tokens == 4
+
+
+async def test_every_sampling_field_reaches_vllm(smoke_vllm_engine):
+    # The detector decodes with Rex-Omni's repetition penalty and keeps its special tokens.
+    request = sampled(
+        "x",
+        n=7,
+        seed=3,
+        temperature=0.5,
+        top_p=0.9,
+        stop=("zz",),
+        repetition_penalty=1.05,
+        skip_special_tokens=False,
+    )
+    _, params, _ = await smoke_vllm_engine._prepare(request)
+    assert (params.max_tokens, params.temperature, params.top_p, params.seed) == (7, 0.5, 0.9, 3)
+    assert params.stop == ["zz"]
+    assert params.repetition_penalty == 1.05 and params.skip_special_tokens is False
