@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _STOP = object()  # sentinel that stops the scheduler thread
+_LOAD_LOCK = threading.Lock()  # see TransformersEngine.start
 
 
 class IncrementalDetokenizer:
@@ -175,9 +176,16 @@ class TransformersEngine(LLMEngine):
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
+        # One load at a time per process: transformers resolves its lazily imported
+        # modules on first use, and two threads doing that at once can fail with an
+        # ImportError (seen with two engines starting together in one process).
+        await asyncio.to_thread(self._load_locked)
         self._thread = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
         self._thread.start()
+
+    def _load_locked(self) -> None:
+        with _LOAD_LOCK:
+            self._load()
 
     def _load(self) -> None:
         import torch

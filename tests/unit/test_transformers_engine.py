@@ -126,8 +126,39 @@ def test_the_smoke_model_is_rebuilt_identically_from_its_seed(tmp_path, smoke_ll
     from serve_apps.engines.smoke import build_smoke_llm
 
     build_smoke_llm(tmp_path)
-    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+    for name in ("model.safetensors", "tokenizer.json"):
         digest = [
             hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (tmp_path, smoke_llm_dir)
         ]
         assert digest[0] == digest[1], name
+    # config.json records the transformers version that wrote it; everything else is equal.
+    configs = [json.loads((d / "config.json").read_text()) for d in (tmp_path, smoke_llm_dir)]
+    for config in configs:
+        config.pop("transformers_version", None)
+    assert configs[0] == configs[1]
+
+
+def test_two_engines_can_start_together_in_a_fresh_process(smoke_llm_dir, settings):
+    """transformers resolves its lazy modules on first use; two threads doing that at once
+    raised ImportError before engine loads were serialised (a fresh interpreter is needed:
+    this test process has resolved them already)."""
+    import subprocess
+    import sys
+
+    from serve_apps.engines.smoke import smoke_vl_path
+
+    code = (
+        "import asyncio, sys\n"
+        "from serve_apps.engines.transformers_llm import TransformersEngine\n"
+        "from serve_apps.engines.transformers_vl import TransformersVLEngine\n"
+        "async def main():\n"
+        "    a, b = TransformersEngine(sys.argv[1]), TransformersVLEngine(sys.argv[2])\n"
+        "    await asyncio.gather(a.start(), b.start())\n"
+        "    await asyncio.gather(a.shutdown(), b.shutdown())\n"
+        "asyncio.run(main())\n"
+    )
+    vl = smoke_vl_path(settings.cache_dir)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(smoke_llm_dir), str(vl)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
