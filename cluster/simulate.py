@@ -115,7 +115,7 @@ def load_plans(
     ``headroom``: on a CPU-starved box part of the clients' requests wait in the proxy and
     the ingress, so fewer are "ongoing" at the service's handle than clients are open."""
     from serve_apps.config import AppArgs
-    from serve_apps.ray_app import SERVICE_DEPLOYMENTS
+    from serve_apps.graph import SERVICE_DEPLOYMENTS
 
     app = config["applications"][0]
     args = AppArgs.model_validate(app.get("args") or {})

@@ -4,6 +4,8 @@
 ``serveConfigV2``) and what the tests deploy. It validates ``args`` as :class:`AppArgs`
 (unknown keys fail here) and binds::
 
+One deployment per entry of :mod:`serve_apps.graph` (names, servers, default CPUs)::
+
     Ingress ──> LLM       (LLMServer on the llm model)
             ├─> Codegen   (LLMServer on the codegen model)
             ├─> Detector  (DetectorServer: LLMServer on the vision-language model + detect)
@@ -30,23 +32,14 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from .config import AppArgs, DetectorConfig, GrounderConfig, ModelConfig, SAMConfig
+from .config import AppArgs, ModelConfig
 from .errors import OverloadedError, unwrap
+from .graph import DEPLOYMENTS, INGRESS, INGRESS_CPUS, SERVICE_DEPLOYMENTS, DeploymentSpec, enabled
 from .ingress import create_app
 from .placement import replica_placement
-from .servers.llm import LLMServer
-from .servers.vision import DetectorServer, GrounderServer, SegmenterServer
 
-# Deployment names: the keys of the Serve config's `deployments:` list and of the
-# Modal classes. The ingress knows the others by service name.
-INGRESS = "Ingress"
-SERVICE_DEPLOYMENTS = {
-    "llm": "LLM",
-    "codegen": "Codegen",
-    "detector": "Detector",
-    "sam": "SAM",
-    "grounder": "Grounder",
-}
+# Re-exported: the deployment names (serve_apps.graph is their home).
+__all__ = ["INGRESS", "SERVICE_DEPLOYMENTS", "RayHandle", "build_app"]
 
 
 class RayHandle:
@@ -79,55 +72,29 @@ class RayHandle:
             response.cancel()
 
 
-class _LLMReplica(LLMServer):
-    """An ``LLMServer`` as a Ray Serve replica."""
+def _replica_class(spec: DeploymentSpec) -> type:
+    """The Ray Serve replica class of one graph entry: its server, built and started."""
+    server_class = spec.server_class()
 
-    async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
-        from ray.util import get_current_placement_group
+    class Replica(server_class):  # type: ignore[misc, valid-type]
+        async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
+            from ray.util import get_current_placement_group
 
-        # Set when build_app gave this deployment placement-group bundles for the
-        # engine's workers (serve_apps.placement); the engine schedules them into it.
-        super().__init__(
-            ModelConfig.model_validate(config), placement_group=get_current_placement_group()
-        )
-        await self.start()
+            kwargs: dict[str, Any] = {}
+            # Only a vLLM replica with several workers gets a placement group (build_app,
+            # serve_apps.placement); its engine schedules the workers into it.
+            placement_group = get_current_placement_group()
+            if placement_group is not None:
+                kwargs["placement_group"] = placement_group
+            super().__init__(server_class.config_type.model_validate(config), **kwargs)
+            await self.start()
 
-    async def check_health(self) -> None:
-        # Ray calls this periodically; a dead engine makes the replica unhealthy.
-        await self.health()
+        async def check_health(self) -> None:
+            # Ray calls this periodically; a dead engine makes the replica unhealthy.
+            await self.health()
 
-
-class _DetectorReplica(DetectorServer):
-    """A ``DetectorServer`` as a Ray Serve replica."""
-
-    async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
-        super().__init__(DetectorConfig.model_validate(config))
-        await self.start()
-
-    async def check_health(self) -> None:
-        await self.health()
-
-
-class _SAMReplica(SegmenterServer):
-    """A ``SegmenterServer`` as a Ray Serve replica."""
-
-    async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
-        super().__init__(SAMConfig.model_validate(config))
-        await self.start()
-
-    async def check_health(self) -> None:
-        await self.health()
-
-
-class _GrounderReplica(GrounderServer):
-    """A ``GrounderServer`` as a Ray Serve replica."""
-
-    async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
-        super().__init__(GrounderConfig.model_validate(config))
-        await self.start()
-
-    async def check_health(self) -> None:
-        await self.health()
+    Replica.__name__ = Replica.__qualname__ = f"{spec.name}Replica"
+    return Replica
 
 
 class _IngressReplica:
@@ -142,11 +109,13 @@ class _IngressReplica:
         return self._app
 
 
-LLMDeployment = serve.deployment(ray_actor_options={"num_cpus": 0.5})(_LLMReplica)
-DetectorDeployment = serve.deployment(ray_actor_options={"num_cpus": 0.5})(_DetectorReplica)
-SAMDeployment = serve.deployment(ray_actor_options={"num_cpus": 0.5})(_SAMReplica)
-GrounderDeployment = serve.deployment(ray_actor_options={"num_cpus": 0.1})(_GrounderReplica)
-IngressDeployment = serve.deployment(ray_actor_options={"num_cpus": 0.25})(
+# One Ray Serve deployment per graph entry; the Serve config's `deployments:` entries
+# (keyed by these names) override the default options given here.
+SERVICE_DEPLOYMENT_OBJECTS = {
+    spec.name: serve.deployment(ray_actor_options={"num_cpus": spec.cpus})(_replica_class(spec))
+    for spec in DEPLOYMENTS
+}
+IngressDeployment = serve.deployment(ray_actor_options={"num_cpus": INGRESS_CPUS})(
     serve.ingress()(_IngressReplica)
 )
 
@@ -154,23 +123,14 @@ IngressDeployment = serve.deployment(ray_actor_options={"num_cpus": 0.25})(
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The typed app builder: ``args`` (the Serve config's ``args:``) -> the bound graph."""
     parsed = AppArgs.model_validate(args or {})
-    services = {
-        service: LLMDeployment.options(
-            name=SERVICE_DEPLOYMENTS[service], **replica_placement(cfg)
-        ).bind(cfg.model_dump(mode="json"))
-        for service, cfg in parsed.model_configs().items()
-        if service != "detector"
-    }
-    if parsed.detector is not None:
-        services["detector"] = DetectorDeployment.options(
-            name=SERVICE_DEPLOYMENTS["detector"]
-        ).bind(parsed.detector.model_dump(mode="json"))
-    if parsed.sam is not None:
-        services["sam"] = SAMDeployment.options(name=SERVICE_DEPLOYMENTS["sam"]).bind(
-            parsed.sam.model_dump(mode="json")
+    services = {}
+    for spec, config in enabled(parsed):
+        options: dict[str, Any] = {"name": spec.name}
+        if isinstance(config, ModelConfig):
+            options.update(replica_placement(config))
+        services[spec.service] = (
+            SERVICE_DEPLOYMENT_OBJECTS[spec.name]
+            .options(**options)
+            .bind(config.model_dump(mode="json"))
         )
-    if parsed.grounder is not None:
-        services["grounder"] = GrounderDeployment.options(
-            name=SERVICE_DEPLOYMENTS["grounder"]
-        ).bind(parsed.grounder.model_dump(mode="json"))
     return IngressDeployment.options(name=INGRESS).bind(parsed.model_dump(mode="json"), services)

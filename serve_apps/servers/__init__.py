@@ -18,17 +18,6 @@ def create_servers(args: AppArgs, settings: Settings | None = None) -> dict[str,
     What runs the whole graph in one process: wrap each in a ``LocalHandle`` and hand them
     to ``create_app``. Every server has ``start()``, ``health()`` and ``shutdown()``.
     """
-    from .llm import LLMServer
-    from .vision import DetectorServer, GrounderServer, SegmenterServer
+    from ..graph import enabled
 
-    servers: dict[str, Any] = {
-        "llm": LLMServer(args.llm, settings=settings),
-        "codegen": LLMServer(args.codegen, settings=settings),
-    }
-    if args.detector is not None:
-        servers["detector"] = DetectorServer(args.detector, settings=settings)
-    if args.sam is not None:
-        servers["sam"] = SegmenterServer(args.sam, settings=settings)
-    if args.grounder is not None:
-        servers["grounder"] = GrounderServer(args.grounder)
-    return servers
+    return {spec.service: spec.build(config, settings=settings) for spec, config in enabled(args)}

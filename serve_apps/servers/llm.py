@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 from ..config import ModelConfig, Settings
 from ..engines.base import (
@@ -64,6 +64,8 @@ class LLMServer:
     ``@modal.enter``). ``engine`` may be given directly (tests pass a fake);
     ``placement_group`` is the Ray placement group a replica holds for the engine's workers.
     """
+
+    config_type: ClassVar[type[ModelConfig]] = ModelConfig
 
     def __init__(
         self,

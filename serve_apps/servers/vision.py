@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from ..config import DetectorConfig, GrounderConfig, SAMConfig, Settings
 from ..engines.base import Constraint, GenerationRequest, LLMEngine, SamplingParams
@@ -41,6 +41,7 @@ def _ms(t0: float) -> float:
 class DetectorServer(LLMServer):
     """The detector deployment: an LLM server whose model sees images, plus ``detect``."""
 
+    config_type: ClassVar[type[DetectorConfig]] = DetectorConfig
     config: DetectorConfig
 
     def __init__(
@@ -119,6 +120,8 @@ class DetectorServer(LLMServer):
 class SegmenterServer:
     """The SAM deployment."""
 
+    config_type: ClassVar[type[SAMConfig]] = SAMConfig
+
     def __init__(self, config: SAMConfig, *, settings: Settings | None = None):
         self.config = config
         self._settings = settings or Settings()
@@ -185,7 +188,10 @@ class SegmenterServer:
 class GrounderServer:
     """The grounder deployment."""
 
-    def __init__(self, config: GrounderConfig):
+    config_type: ClassVar[type[GrounderConfig]] = GrounderConfig
+
+    def __init__(self, config: GrounderConfig, *, settings: Settings | None = None):
+        # settings: the servers' common signature; the grounder keeps no model cache.
         self.config = config
         self.grounder: Any = None
 

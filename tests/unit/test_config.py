@@ -46,7 +46,7 @@ def test_config_yaml_is_a_valid_serve_config_with_valid_args():
     args = app_args_from_serve_config(raw)
     assert args.llm.is_smoke
     # Every deployment named in the config exists in the graph build_app binds.
-    from serve_apps.ray_app import INGRESS, SERVICE_DEPLOYMENTS
+    from serve_apps.graph import INGRESS, SERVICE_DEPLOYMENTS
 
     assert {d.name for d in app.deployments} == {INGRESS, *SERVICE_DEPLOYMENTS.values()}
     for d in app.deployments:

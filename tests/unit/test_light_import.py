@@ -22,6 +22,7 @@ def test_importing_the_package_and_its_light_modules_loads_no_heavy_dependency()
         "import serve_apps, serve_apps.config, serve_apps.errors, serve_apps.handles\n"
         "import serve_apps.ingress, serve_apps.schemas.openai, serve_apps.schemas.generate\n"
         "import serve_apps.engines, serve_apps.engines.base, serve_apps.servers.llm\n"
+        "import serve_apps.graph, serve_apps.servers\n"
         # Selecting the vLLM backend by name imports vLLM only when the engine starts.
         "import serve_apps.placement, serve_apps.engines.vllm_llm\n"
         "import serve_apps.images, serve_apps.schemas.vision, serve_apps.vision_routes\n"
