@@ -80,7 +80,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def write_section(name: str, title: str, body: str) -> None:
     """Replace (or append) section ``name`` of BENCHMARKS.md and print it."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     section = (
         f"<!-- bench:{name} -->\n## {title}\n\n"
         f"- command: `{command()}`\n- machine: {machine()}\n- date: {stamp}\n\n{body.strip()}\n"

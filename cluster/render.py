@@ -78,6 +78,17 @@ SERVE_PORT = 8000  # the port KubeRay's serve Service targets
 MODEL_CACHE_PVC = "model-cache"
 MODEL_CACHE_SIZE = "500Gi"
 MODEL_CACHE_MOUNT = "/mnt/model-cache"
+
+
+def model_cache_env() -> dict[str, str]:
+    """Where the caches live on the model-cache volume (KubeRay's PVC, Modal's Volume)."""
+    return {
+        "HF_HOME": f"{MODEL_CACHE_MOUNT}/huggingface",
+        "SERVE_APPS_CACHE_DIR": f"{MODEL_CACHE_MOUNT}/serve_apps",
+    }
+
+
+# The Hugging Face token's secret: the same name on Kubernetes and on Modal.
 HF_TOKEN_SECRET = "hf-token"  # kubectl create secret generic hf-token --from-literal=HF_TOKEN=...
 HF_TOKEN_KEY = "HF_TOKEN"
 
@@ -237,8 +248,7 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
     if shape.gpus:
         limits["nvidia.com/gpu"] = str(shape.gpus)
     env = [
-        EnvVar(name="HF_HOME", value=f"{MODEL_CACHE_MOUNT}/huggingface"),
-        EnvVar(name="SERVE_APPS_CACHE_DIR", value=f"{MODEL_CACHE_MOUNT}/serve_apps"),
+        *(EnvVar(name=k, value=v) for k, v in model_cache_env().items()),
         EnvVar(
             name="HF_TOKEN",
             value_from=EnvVarSource(

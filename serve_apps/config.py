@@ -8,12 +8,11 @@ forbids unknown keys so that a typo fails at ``serve run`` time instead of being
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from typing_extensions import Self
 
 from .schemas.common import StrictModel
 

@@ -162,7 +162,7 @@ async def fetch_image_url(url: str, limits: ImageLimits) -> bytes:
         raise _refused("image_url is disabled on this service; send the image inline")
     try:
         return await asyncio.wait_for(_fetch(url, limits), limits.image_url_timeout_s)
-    except asyncio.TimeoutError as e:
+    except TimeoutError as e:
         raise _failed(f"fetching image_url took over {limits.image_url_timeout_s} s") from e
 
 

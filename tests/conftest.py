@@ -188,3 +188,31 @@ def vllm_ray_serve_url(ray_cluster):
 
     yield _serve(VLLM_CONTRACT_ARGS)
     serve.shutdown()
+
+
+def load_modal_app(config: Path, mode: str, module_name: str, plan_json: str | None = None):
+    """Import modal_adapter/app.py the way `modal deploy` does (as a file), for a Serve
+    config and mode, or (``plan_json``) the way a container does, from a baked plan."""
+    import importlib.util
+    import sys
+
+    env = {"SERVE_APPS_MODAL_CONFIG": str(config), "SERVE_APPS_MODAL_MODE": mode}
+    if plan_json is not None:
+        env["SERVE_APPS_MODAL_PLAN"] = plan_json
+    saved = {k: os.environ.get(k) for k in [*env, "SERVE_APPS_MODAL_PLAN"]}
+    os.environ.update(env)
+    try:
+        spec = importlib.util.spec_from_file_location(
+            module_name, REPO / "modal_adapter" / "app.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return module

@@ -74,7 +74,7 @@ class MicroBatcher(Generic[T, R]):
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), left)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             batch = [(i, f) for i, f in self._pending[: self.max_batch_size] if not f.cancelled()]
             del self._pending[: self.max_batch_size]

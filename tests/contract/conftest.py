@@ -2,7 +2,9 @@
 
 - ``inprocess``: ``create_app`` with ``LocalHandle``s over the real servers (smoke models);
 - ``ray``: the same app deployed with real Ray Serve, over real HTTP;
-- ``vllm``, ``vllm-ray``: the same two on the vLLM backend (opt-in lane: scripts/test-vllm).
+- ``modal``: the Modal app (``modal_adapter/app.py``) executed locally: its ``Ingress``
+  class's ASGI app under a test client, calling the generated classes with ``.local()``;
+- ``vllm``, ``vllm-ray``: the same app on the vLLM backend (opt-in lane: scripts/test-vllm).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 
 from tests.conftest import CONTRACT_ARGS, VLLM_CONTRACT_ARGS
 
-DEFAULT_TARGETS = "inprocess,ray"
+DEFAULT_TARGETS = "inprocess,ray,modal"
 TARGETS = [t for t in os.environ.get("CONTRACT_TARGETS", DEFAULT_TARGETS).split(",") if t]
 # Targets on the vLLM backend carry the `vllm` mark (skipped where vLLM is not installed).
 PARAMS = [pytest.param(t, marks=pytest.mark.vllm) if "vllm" in t else t for t in TARGETS]
@@ -60,5 +62,30 @@ async def api(request):
         )
         async with ContractClient(args, base_url=url) as c:
             yield c
+    elif request.param == "modal":
+        module = request.getfixturevalue("modal_contract_app")
+        transport = httpx.ASGITransport(app=module.Ingress().web.local())
+        async with ContractClient(args, transport=transport, base_url="http://modal") as c:
+            yield c
+        from modal_adapter.runtime import ServerHost
+
+        for _, host in module.SERVICES.values():
+            server = ServerHost._servers.pop(host, None)
+            if server is not None:
+                await server.shutdown()
     else:
         raise pytest.UsageError(f"unknown contract target {request.param!r}")
+
+
+@pytest.fixture(scope="session")
+def modal_contract_app(tmp_path_factory):
+    """modal_adapter/app.py for config.yaml's deployments with the contract's args (dev)."""
+    import yaml
+
+    from tests.conftest import REPO, load_modal_app
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["applications"][0]["args"] = CONTRACT_ARGS
+    path = tmp_path_factory.mktemp("modal") / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return load_modal_app(path, "dev", "modal_app_contract")

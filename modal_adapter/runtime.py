@@ -1,0 +1,145 @@
+"""What runs inside the Modal classes: no model or pipeline logic, only hosting.
+
+- :class:`ServerHost` is the base of every generated deployment class: it builds the
+  deployment's server from ``serve_apps.graph`` and exposes two methods, ``call`` and
+  ``stream``, through which the ingress reaches any server method by name;
+- :class:`IngressHost` is the base of the ingress class: ``web`` returns the same FastAPI
+  app as on Ray Serve (``serve_apps.ingress.create_app``) with a :class:`ModalHandle` per
+  service;
+- :class:`ModalHandle` is the Modal side of the handle seam (``serve_apps.handles``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import modal
+
+from serve_apps.errors import InvalidRequestError, unwrap
+
+
+class ServerHost:
+    """Hosts one deployment's server. Subclasses set ``DEPLOYMENT`` and ``CONFIG``.
+
+    The server is kept per class (one per container on Modal), so the instance that
+    ``.local()`` makes and a plain instance share it in-process. It starts in
+    ``@modal.enter`` on Modal, and on first use everywhere (``.local()`` runs no enter
+    hook for async methods).
+    """
+
+    DEPLOYMENT: ClassVar[str] = ""
+    CONFIG: ClassVar[dict[str, Any]] = {}
+    # Keyed by the host class: one server per deployment class, whoever calls.
+    _servers: ClassVar[dict[type, Any]] = {}
+    _starting: ClassVar[dict[type, asyncio.Task[Any]]] = {}
+
+    async def _server(self) -> Any:
+        key = type(self)
+        server = ServerHost._servers.get(key)
+        if server is not None:
+            return server
+        task = ServerHost._starting.get(key)
+        if task is None:  # first caller starts it; concurrent callers wait for the same task
+            task = asyncio.ensure_future(self._start())
+            ServerHost._starting[key] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                ServerHost._starting.pop(key, None)
+
+    async def _start(self) -> Any:
+        from serve_apps.graph import spec
+
+        server = spec(self.DEPLOYMENT).build(self.CONFIG)
+        await server.start()
+        ServerHost._servers[type(self)] = server
+        return server
+
+    async def _method(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise InvalidRequestError(f"{self.DEPLOYMENT} has no public method {name!r}")
+        return getattr(await self._server(), name)
+
+    async def _iterate(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        async for item in (await self._method(method))(*args, **kwargs):
+            yield item
+
+    @modal.enter()
+    async def load(self) -> None:
+        await self._server()
+
+    @modal.method()
+    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return await (await self._method(method))(*args, **kwargs)
+
+    @modal.method()
+    async def stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        async for item in self._iterate(method, args, kwargs):
+            yield item
+
+
+class ModalHandle:
+    """:class:`serve_apps.handles.Handle` over a Modal class of this app.
+
+    ``local=True`` (``modal.is_local()``: tests, ``modal run`` on a laptop) runs the class
+    in this process through ``.local()``; otherwise calls go to its containers with
+    ``.remote.aio()`` / ``.remote_gen.aio()``. Remote exceptions come back as the server
+    raised them, unwrapped, like on Ray Serve.
+    """
+
+    def __init__(self, modal_cls: Any, host_cls: type[ServerHost], *, local: bool):
+        self._obj = modal_cls()
+        self._host_cls = host_cls
+        self._local = local
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            if self._local:
+                return await self._obj.call.local(method, args, kwargs)
+            return await self._obj.call.remote.aio(method, args, kwargs)
+        except Exception as e:
+            raise unwrap(e) from e
+
+    async def stream(self, method: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        if self._local:
+            # modal 1.6.4's `.local()` awaits every async method's result, and an async
+            # generator cannot be awaited (modal/_functions.py, _Function.local: TypeError
+            # "object async_generator can't be used in 'await' expression"). In-process we
+            # iterate the same undecorated helper `stream` wraps, on a plain instance of
+            # the host class; it shares the deployment's server with `.local()`.
+            items = self._host_cls()._iterate(method, args, kwargs)
+        else:
+            items = self._obj.stream.remote_gen.aio(method, args, kwargs)
+        try:
+            async for item in items:
+                yield item
+        except Exception as e:
+            raise unwrap(e) from e
+        finally:
+            await items.aclose()
+
+
+class IngressHost:
+    """The ingress class: the FastAPI app of every target, over Modal handles.
+
+    Subclasses set ``ARGS`` (the validated ``AppArgs``, JSON) and ``SERVICES`` (service ->
+    (Modal class, host class)).
+    """
+
+    ARGS: ClassVar[dict[str, Any]] = {}
+    SERVICES: ClassVar[dict[str, tuple[Any, type[ServerHost]]]] = {}
+
+    @modal.asgi_app()
+    def web(self) -> Any:
+        from serve_apps.config import AppArgs
+        from serve_apps.ingress import create_app
+
+        local = modal.is_local()
+        handles = {
+            service: ModalHandle(modal_cls, host_cls, local=local)
+            for service, (modal_cls, host_cls) in self.SERVICES.items()
+        }
+        return create_app(AppArgs.model_validate(self.ARGS), handles)
