@@ -173,6 +173,7 @@ class TransformersEngine(LLMEngine):
         self._tok_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._info: ModelInfo | None = None
+        self._dead: BaseException | None = None  # set when the scheduler thread has ended
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -269,6 +270,9 @@ class TransformersEngine(LLMEngine):
             "batch_sizes": dict(self.counters.batch_sizes),
             "mask_seconds_median": self.masker.median_mask_seconds(),
             "constraint_cache": {"hits": self.compiler.hits, "misses": self.compiler.misses},
+            # Rows in the running batch and requests waiting to join it, right now.
+            "active": len(getattr(self, "_active", ())),
+            "waiting": self._waiting.qsize(),
         }
 
     async def shutdown(self) -> None:
@@ -281,6 +285,9 @@ class TransformersEngine(LLMEngine):
     def info(self) -> ModelInfo:
         if self._info is None:
             raise RuntimeError("engine not started")
+        if self._dead is not None:
+            # Health checks call this: a replica whose scheduler died must be replaced.
+            raise EngineError(f"{self.model_name_or_path}: {self._dead}")
         return self._info
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
@@ -310,6 +317,8 @@ class TransformersEngine(LLMEngine):
         if self._waiting.qsize() >= self.max_queue:
             raise OverloadedError(f"{self._waiting.qsize()} requests are waiting; retry later")
         self._waiting.put(seq)
+        if self._dead is not None:  # the scheduler ended between the check and the put
+            self._fail(self._drain_waiting(), self._dead)
         try:
             while True:
                 item = await seq.outputs.get()
@@ -367,34 +376,64 @@ class TransformersEngine(LLMEngine):
 
     # ---------------------------------------------------------------- scheduler
     def _run(self) -> None:
+        """The scheduler thread. Whatever ends it, no request is left waiting."""
         import torch
 
         self._active: list[_Sequence] = []
         self._cache: Any = None
         self._attn: torch.Tensor | None = None
-        with torch.inference_mode():
-            while True:
-                new = self._take_new()
-                if new is None:
-                    break
-                try:
-                    self._drop_finished()
-                    if new:
-                        self._prefill(new)
-                    if self._active:
-                        self._decode_step()
-                except Exception as e:
-                    logger.exception("engine step failed; failing the running batch")
-                    err = (
-                        e
-                        if isinstance(e, ServeAppError)
-                        else EngineError(f"generation failed: {e}")
-                    )
-                    for seq in [*self._active, *new]:
-                        if not seq.done:
-                            seq.done = True
-                            seq.emit(err)
-                    self._active, self._cache, self._attn = [], None, None
+        reason: BaseException = EngineError("the engine is shutting down")
+        try:
+            with torch.inference_mode():
+                while True:
+                    new = self._take_new()
+                    if new is None:
+                        break
+                    self._step(new)
+        except Exception as e:  # a bug in the loop itself: the engine is dead (logged here)
+            logger.exception("the engine's scheduler died")
+            reason = EngineError(f"the engine stopped: {e}")
+        finally:
+            self._dead = reason
+            self._fail([*self._active, *self._drain_waiting()], reason)
+            self._active, self._cache, self._attn = [], None, None
+
+    def _step(self, new: list[_Sequence]) -> None:
+        """One scheduler step; a failure fails only the requests it touched."""
+        self._drop_finished()
+        if new:
+            try:
+                self._prefill(new)
+            except Exception as e:
+                # The running batch is untouched until the merge at the end of a prefill
+                # (e.g. out of memory on a large image batch): only the new rows fail.
+                logger.exception("prefill failed; failing its %d new requests", len(new))
+                self._fail(new, e)
+        if self._active:
+            try:
+                self._decode_step()
+            except Exception as e:
+                logger.exception("decode step failed; failing the running batch")
+                self._fail(self._active, e)
+                self._active, self._cache, self._attn = [], None, None
+
+    @staticmethod
+    def _fail(seqs: list[_Sequence], e: BaseException) -> None:
+        err = e if isinstance(e, ServeAppError) else EngineError(f"generation failed: {e}")
+        for seq in seqs:
+            if not seq.done:
+                seq.done = True
+                seq.emit(err)
+
+    def _drain_waiting(self) -> list[_Sequence]:
+        drained: list[_Sequence] = []
+        while True:
+            try:
+                item = self._waiting.get_nowait()
+            except queue.Empty:
+                return drained
+            if item is not _STOP:
+                drained.append(item)
 
     def _take_new(self) -> list[_Sequence] | None:
         """New sequences to admit; blocks while idle. None means shut down."""

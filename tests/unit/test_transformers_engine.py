@@ -6,8 +6,10 @@ import json
 import re
 
 import jsonschema
+import pytest
 
 from serve_apps.engines.base import Constraint, GenerationRequest, SamplingParams
+from serve_apps.errors import EngineError
 
 PROMPTS = [
     "hello there",
@@ -162,3 +164,48 @@ def test_two_engines_can_start_together_in_a_fresh_process(smoke_llm_dir, settin
         [sys.executable, "-c", code, str(smoke_llm_dir), str(vl)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.fixture
+async def fresh_engine(smoke_llm_dir):
+    from serve_apps.engines.transformers_llm import TransformersEngine
+
+    engine = TransformersEngine(str(smoke_llm_dir), max_batch_size=4)
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+async def test_a_failed_prefill_fails_only_the_requests_it_was_admitting(fresh_engine):
+    running = fresh_engine.generate(greedy("keep going", n=60))
+    first = await anext(running)
+    assert first.finish_reason is None
+
+    def broken_prefill(new):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    fresh_engine._prefill = broken_prefill
+    with pytest.raises(EngineError, match="out of memory"):
+        await fresh_engine.generate_full(greedy("a newcomer"))
+    rest = [out async for out in running]
+    assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 60
+
+
+async def test_a_dead_scheduler_fails_its_requests_and_the_health_check(fresh_engine):
+    original = fresh_engine._take_new
+    calls = 0
+
+    def dies_on_second_call():
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RuntimeError("scheduler bug")
+        return original()
+
+    fresh_engine._take_new = dies_on_second_call
+    with pytest.raises(EngineError, match="scheduler bug"):
+        await fresh_engine.generate_full(greedy("doomed", n=50))
+    with pytest.raises(EngineError):
+        fresh_engine.info()  # what health() calls: the replica gets replaced
+    with pytest.raises(EngineError):
+        await fresh_engine.generate_full(greedy("after death"))
