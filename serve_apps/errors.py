@@ -103,6 +103,14 @@ class OverloadedError(ServeAppError):
     default_code = "overloaded"
 
 
+class UnavailableError(ServeAppError):
+    """503: a service the request needs is not ready (starting, failed, unreachable)."""
+
+    status_code = 503
+    error_type = "unavailable_error"
+    default_code = "service_unavailable"
+
+
 class EngineError(ServeAppError):
     """500: the model failed while serving a request that was valid."""
 

@@ -37,6 +37,7 @@ from .errors import (
     ModelNotFoundError,
     PayloadTooLargeError,
     ServeAppError,
+    UnavailableError,
     UnsupportedError,
     error_body,
     status_of,
@@ -230,13 +231,29 @@ def create_app(args: AppArgs, handles: Mapping[str, Handle]) -> FastAPI:
 
     # ------------------------------------------------------------------ routes
     @app.get("/health", response_model=HealthResponse)
-    async def health() -> HealthResponse:
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(handles[s].call("health") for s in args.services())), timeout=10
+    async def health(deep: bool = True) -> HealthResponse:
+        """Readiness: every service answers its health check within 10 s (503 naming those
+        that do not). ``deep=false``: the ingress alone, a liveness probe that wakes no
+        service scaled to zero."""
+        if deep:
+            services = args.services()
+            results = await asyncio.gather(
+                *(asyncio.wait_for(handles[s].call("health"), timeout=10) for s in services),
+                return_exceptions=True,
             )
-        except TimeoutError as e:
-            raise ServeAppError("a model service did not answer its health check in 10 s") from e
+            failed = {
+                s: unwrap(r)
+                for s, r in zip(services, results, strict=True)
+                if isinstance(r, BaseException)
+            }
+            if failed:
+                raise UnavailableError(
+                    "not ready: "
+                    + "; ".join(
+                        f"{s} ({'no answer in 10 s' if isinstance(e, TimeoutError) else e})"
+                        for s, e in failed.items()
+                    )
+                )
         return HealthResponse(models=sorted(by_model))
 
     @app.get("/v1/models", response_model=ModelList)

@@ -25,6 +25,7 @@ model config: a vLLM replica's placement-group bundles for its engine's workers
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -72,6 +73,10 @@ class RayHandle:
             response.cancel()
 
 
+def _takes_placement_group(server_class: type) -> bool:
+    return "placement_group" in inspect.signature(server_class).parameters
+
+
 def _replica_class(spec: DeploymentSpec) -> type:
     """The Ray Serve replica class of one graph entry: its server, built and started."""
     server_class = spec.server_class()
@@ -81,10 +86,11 @@ def _replica_class(spec: DeploymentSpec) -> type:
             from ray.util import get_current_placement_group
 
             kwargs: dict[str, Any] = {}
-            # Only a vLLM replica with several workers gets a placement group (build_app,
-            # serve_apps.placement); its engine schedules the workers into it.
+            # A vLLM replica with several workers gets a placement group (build_app,
+            # serve_apps.placement); its engine schedules the workers into it. Servers that
+            # run in the replica process alone take none, whatever the config reserved.
             placement_group = get_current_placement_group()
-            if placement_group is not None:
+            if placement_group is not None and _takes_placement_group(server_class):
                 kwargs["placement_group"] = placement_group
             super().__init__(server_class.config_type.model_validate(config), **kwargs)
             await self.start()

@@ -5,7 +5,8 @@ deltas. The contract, which every engine (transformers, vLLM, the test fake) kee
 
 Streaming (:meth:`LLMEngine.generate`)
     Yields one or more ``GenerationOutput`` objects. Each carries only the *new* text and
-    token ids since the previous one. Exactly the last one has ``finish_reason`` set
+    token ids since the previous one; every output but the last has some text (ids whose
+    text is held back, e.g. a partial UTF-8 character, ride on the next output). Exactly the last one has ``finish_reason`` set
     (``"stop"``: EOS, a stop string, or the constraint completed; ``"length"``:
     ``max_tokens`` reached). ``prompt_tokens``/``completion_tokens`` are running totals.
     When a constraint was given, the last output's ``constraint_satisfied`` says whether
@@ -35,6 +36,8 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from ..errors import ContextLengthError
 
 FinishReason = Literal["stop", "length"]
 ConstraintKind = Literal["json_schema", "regex", "grammar"]
@@ -163,8 +166,32 @@ class LLMEngine(abc.ABC):
         )
 
     def stats(self) -> dict[str, Any]:
-        """Counters for tests and benchmarks (e.g. batch sizes seen). Default: none."""
+        """Counters for tests and benchmarks. Engines report at least ``tokens_generated``
+        (since start) and ``in_flight`` (requests not yet finished, cancelled ones until
+        they have left the engine). Default: none."""
         return {}
 
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release resources (threads, GPU memory). Default: nothing to release."""
+
+
+def check_context(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """``ContextLengthError`` when prompt + ``max_tokens`` do not fit (every engine, one text)."""
+    budget = prompt_tokens + max_tokens
+    if budget > max_model_len:
+        raise ContextLengthError(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {budget} exceeds "
+            f"the model's context of {max_model_len} tokens",
+            param="max_tokens",
+        )
+
+
+def eos_token_ids(*sources: Any) -> tuple[int, ...]:
+    """Every end-of-sequence id named by the sources (ints, lists of ints or None): a
+    model's generation config may list several, its tokenizer names one."""
+    found: set[int] = set()
+    for source in sources:
+        for token in source if isinstance(source, (list, tuple)) else [source]:
+            if token is not None:
+                found.add(int(token))
+    return tuple(sorted(found))

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import (
-    ContextLengthError,
     EngineError,
+    InvalidRequestError,
     OverloadedError,
     ServeAppError,
     UnsupportedError,
@@ -48,6 +48,8 @@ from .base import (
     GenerationRequest,
     LLMEngine,
     ModelInfo,
+    check_context,
+    eos_token_ids,
 )
 from .constraints import BatchMasker, ConstraintCompiler
 
@@ -205,14 +207,12 @@ class TransformersEngine(LLMEngine):
         self.compiler = ConstraintCompiler.for_hf_tokenizer(self.tokenizer)
         self.masker = BatchMasker(self.compiler.vocab_size)
 
-        eos: set[int] = set()
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        for e in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
-            if e is not None:
-                eos.add(int(e))
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(int(self.tokenizer.eos_token_id))
-        self._eos = eos
+        self._eos = set(
+            eos_token_ids(
+                getattr(self.model.generation_config, "eos_token_id", None),
+                self.tokenizer.eos_token_id,
+            )
+        )
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         text_config = self.model.config.get_text_config()
         limit = getattr(text_config, "max_position_embeddings", None) or 2048
@@ -225,7 +225,7 @@ class TransformersEngine(LLMEngine):
         self._info = ModelInfo(
             name_or_path=self.model_name_or_path,
             max_model_len=int(max_len),
-            eos_token_ids=tuple(sorted(eos)),
+            eos_token_ids=tuple(sorted(self._eos)),
             supports_images=self.supports_images,
             special_tokens=frozenset(specials),
         )
@@ -245,8 +245,11 @@ class TransformersEngine(LLMEngine):
 
     async def _prompt_inputs(self, request: GenerationRequest) -> PromptInputs:
         """Token ids (and extra tensors) of a request's prompt."""
+        # In a worker thread: a long prompt must not stall the replica's event loop.
         return PromptInputs(
-            self._encode(request.prompt, add_special_tokens=request.add_special_tokens)
+            await asyncio.to_thread(
+                self._encode, request.prompt, add_special_tokens=request.add_special_tokens
+            )
         )
 
     def _prefill_kwargs(self, seqs: list[_Sequence], attn: torch.Tensor) -> dict[str, Any]:
@@ -273,6 +276,7 @@ class TransformersEngine(LLMEngine):
             # Rows in the running batch and requests waiting to join it, right now.
             "active": len(getattr(self, "_active", ())),
             "waiting": self._waiting.qsize(),
+            "in_flight": len(getattr(self, "_active", ())) + self._waiting.qsize(),
         }
 
     async def shutdown(self) -> None:
@@ -343,14 +347,8 @@ class TransformersEngine(LLMEngine):
         inputs = await self._prompt_inputs(request)
         prompt_ids = inputs.ids
         if not prompt_ids:
-            raise ContextLengthError("the prompt encodes to no tokens", param="prompt")
-        budget = len(prompt_ids) + request.sampling.max_tokens
-        if budget > info.max_model_len:
-            raise ContextLengthError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.sampling.max_tokens}) "
-                f"= {budget} exceeds the model's context of {info.max_model_len} tokens",
-                param="max_tokens",
-            )
+            raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
+        check_context(len(prompt_ids), request.sampling.max_tokens, info.max_model_len)
         matcher = None
         if request.constraint is not None:
             matcher = await asyncio.to_thread(self.compiler.matcher, request.constraint)

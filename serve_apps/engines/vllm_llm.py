@@ -50,6 +50,8 @@ from .base import (
     GenerationRequest,
     LLMEngine,
     ModelInfo,
+    check_context,
+    eos_token_ids,
 )
 from .constraints import JSON_DEFAULTS, ConstraintCompiler
 
@@ -212,17 +214,13 @@ class VLLMEngine(LLMEngine):
         self.tokenizer = self._llm.get_tokenizer()
         self.compiler = ConstraintCompiler.for_hf_tokenizer(self.tokenizer)
         model_config = self._llm.model_config
-        eos: set[int] = set()
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(int(self.tokenizer.eos_token_id))
-        gen_eos = model_config.try_get_generation_config().get("eos_token_id")
-        for e in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
-            if e is not None:
-                eos.add(int(e))
         self._info = ModelInfo(
             name_or_path=self.model_name_or_path,
             max_model_len=int(model_config.max_model_len),
-            eos_token_ids=tuple(sorted(eos)),
+            eos_token_ids=eos_token_ids(
+                self.tokenizer.eos_token_id,
+                model_config.try_get_generation_config().get("eos_token_id"),
+            ),
         )
         logger.info(
             "vLLM engine ready: %s (max_model_len=%d)",
@@ -234,6 +232,7 @@ class VLLMEngine(LLMEngine):
         return {
             "tokens_generated": self.tokens_generated,
             "requests_unfinished": self._llm.get_num_unfinished_requests() if self._llm else 0,
+            "in_flight": self._llm.get_num_unfinished_requests() if self._llm else 0,
             "constraint_cache": {"hits": self.compiler.hits, "misses": self.compiler.misses},
             "worker_multiproc_method": os.environ.get("VLLM_WORKER_MULTIPROC_METHOD"),
         }
@@ -288,6 +287,7 @@ class VLLMEngine(LLMEngine):
             tokens_input(prompt_ids, prompt=request.prompt), sampling, request.request_id
         )
         generated: list[int] = []
+        unsent: list[int] = []  # token ids whose text vLLM holds back (partial UTF-8, stops)
         finished = False
         try:
             while True:
@@ -313,15 +313,19 @@ class VLLMEngine(LLMEngine):
                 if out.finished:
                     finished = True
                     finish, satisfied = self._finish(completion, generated, matcher)
-                if completion.text or new_ids or finish is not None:
+                unsent.extend(new_ids)
+                # Like the transformers engine: a delta only when there is text or an end,
+                # so a stream never carries empty chunks; held-back ids ride on the next one.
+                if completion.text or finish is not None:
                     yield GenerationOutput(
                         text=completion.text,
-                        token_ids=new_ids,
+                        token_ids=unsent,
                         prompt_tokens=len(prompt_ids),
                         completion_tokens=len(generated),
                         finish_reason=finish,
                         constraint_satisfied=satisfied,
                     )
+                    unsent = []
                 if finish is not None:
                     return
             if not finished:
@@ -366,18 +370,14 @@ class VLLMEngine(LLMEngine):
                 f"{self.model_name_or_path} is a text-only model; send no images"
             )
         info = self.info()
-        prompt_ids = self._encode(request.prompt, add_special_tokens=request.add_special_tokens)
+        prompt_ids = await asyncio.to_thread(
+            self._encode, request.prompt, add_special_tokens=request.add_special_tokens
+        )
         if not prompt_ids:
-            raise ContextLengthError("the prompt encodes to no tokens", param="prompt")
+            raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
         sp = request.sampling
-        budget = len(prompt_ids) + sp.max_tokens
-        if budget > info.max_model_len:
-            # vLLM itself would accept a max_tokens beyond the context and stop early.
-            raise ContextLengthError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sp.max_tokens}) "
-                f"= {budget} exceeds the model's context of {info.max_model_len} tokens",
-                param="max_tokens",
-            )
+        # vLLM itself would accept a max_tokens beyond the context and stop early.
+        check_context(len(prompt_ids), sp.max_tokens, info.max_model_len)
         matcher = None
         if request.constraint is not None:
             # Our compile: the same errors (and messages) as the transformers backend, and

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,6 +31,9 @@ class TolerantModel(BaseModel):
 
 
 ConstraintKind = Literal["json_schema", "regex", "grammar"]
+
+# A sampling seed: a signed 64-bit integer, what torch.Generator and vLLM accept.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class Constraints(StrictModel):

@@ -6,17 +6,17 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from .common import Constraints, FinishReason, StrictModel
+from .common import Constraints, FinishReason, Seed, StrictModel
 
 
 class GenerateRequest(StrictModel):
     prompt: str = Field(min_length=1)
     constraints: Constraints
     model: str | None = Field(default=None, description="defaults to the codegen model")
-    max_tokens: int = Field(default=256, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, description="default: the model's")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: Seed | None = None
 
 
 class GenerateMetadata(BaseModel):

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .common import Constraints, FinishReason, StrictModel, TolerantModel, Usage
+from .common import Constraints, FinishReason, Seed, StrictModel, TolerantModel, Usage
 
 
 class ImageURL(TolerantModel):
@@ -64,7 +64,7 @@ class SamplingFields(TolerantModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -17,7 +17,7 @@ from ..engines.base import (
     LLMEngine,
     SamplingParams,
 )
-from ..errors import UnsupportedError
+from ..errors import InvalidRequestError, UnsupportedError
 from ..schemas.common import Constraints, Usage
 from ..schemas.generate import GenerateMetadata, GenerateRequest, GenerateResponse
 from ..schemas.openai import (
@@ -146,12 +146,25 @@ class LLMServer:
                     parts.append({"type": "image"})
             messages.append({"role": role, "content": parts})
         return GenerationRequest(
-            prompt=self._engine.apply_chat_template(messages),
+            prompt=await asyncio.to_thread(self._render_chat, messages),
             sampling=self._sampling(req, req.requested_max_tokens()),
             constraint=_constraint(req.effective_constraints()),
             images=images,
             add_special_tokens=False,
         )
+
+    def _render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The model's chat template applied (in a worker thread: it can be slow)."""
+        try:
+            return self._engine.apply_chat_template(messages)
+        except Exception as e:
+            # Chat templates refuse some conversations (e.g. roles that do not alternate)
+            # with jinja2's TemplateError or raise_exception(): that is the client's request.
+            if type(e).__module__.startswith("jinja2"):
+                raise InvalidRequestError(
+                    f"the model's chat template refused these messages: {e}", param="messages"
+                ) from e
+            raise
 
     def _completion_request(self, req: CompletionRequest) -> GenerationRequest:
         return GenerationRequest(
@@ -256,7 +269,7 @@ class LLMServer:
         gen = GenerationRequest(
             prompt=req.prompt,
             sampling=SamplingParams(
-                max_tokens=req.max_tokens,
+                max_tokens=req.max_tokens or self.config.default_max_tokens,
                 temperature=req.temperature,
                 top_p=req.top_p,
                 seed=req.seed,

@@ -46,16 +46,17 @@ async def test_client_disconnect_stops_generation_on_the_replica(ray_serve_url):
         async for line in r.aiter_lines():
             if line.startswith("data: "):
                 break  # first chunk seen; now hang up
-    # Give the cancellation time to reach the engine, then check generation stopped early.
-    deadline = time.monotonic() + 20
-    previous = -1
-    while time.monotonic() < deadline:
-        await asyncio.sleep(1.0)
-        now = (await llm_stats())["tokens_generated"]
-        if now == previous:
-            break
-        previous = now
-    assert previous - before < 500, "the replica kept generating after the client left"
+    # The request leaves the replica's engine (however long the cancellation takes to
+    # travel proxy -> ingress -> replica on a busy machine)...
+    deadline = time.monotonic() + 60
+    while (await llm_stats())["in_flight"] and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    stats = await llm_stats()
+    assert stats["in_flight"] == 0
+    # ...having generated far fewer than its 500 tokens.
+    assert stats["tokens_generated"] - before < 250, (
+        "the replica kept generating after the client left"
+    )
 
 
 def test_remote_errors_arrive_as_our_exceptions(ray_serve_url):

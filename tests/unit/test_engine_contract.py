@@ -59,6 +59,8 @@ async def test_stream_deltas_add_up_to_the_full_result(engine):
     totals = [o.completion_tokens for o in outs]
     assert totals == sorted(totals) and totals[-1] == full.completion_tokens
     assert sum(len(o.token_ids) for o in outs) == full.completion_tokens
+    # No empty chunks: every delta but the last carries text.
+    assert all(o.text for o in outs[:-1])
 
 
 async def test_max_tokens_ends_with_length(engine):
@@ -103,6 +105,7 @@ async def test_images_to_a_text_model_are_unsupported(engine):
 
 
 async def test_closing_the_stream_cancels_the_request(engine):
+    before = engine.stats().get("tokens_generated", 0)
     stream = engine.generate(req(max_tokens=400 if not isinstance(engine, FakeEngine) else 8))
     first = await anext(stream)
     assert first.finish_reason is None
@@ -110,9 +113,13 @@ async def test_closing_the_stream_cancels_the_request(engine):
     if isinstance(engine, FakeEngine):
         assert len(engine.cancelled) == 1
         return
-    before = engine.stats()["tokens_generated"]
-    # The engine keeps serving, and the cancelled request stopped generating long before 400.
+    # The request leaves the engine (however long that takes on a busy machine)...
+    for _ in range(600):
+        if engine.stats()["in_flight"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.stats()["in_flight"] == 0
+    # ...having generated far fewer than its 400 tokens, and the engine keeps serving.
+    assert engine.stats()["tokens_generated"] - before < 200
     out = await engine.generate_full(req(max_tokens=2))
     assert out.completion_tokens == 2
-    await asyncio.sleep(0.2)
-    assert engine.stats()["tokens_generated"] - before < 100

@@ -15,7 +15,7 @@ from tests.helpers import assert_envelope, sse_events
 ARGS = AppArgs.model_validate(
     {
         "llm": {"served_model_name": "fake-llm"},
-        "codegen": {"served_model_name": "fake-codegen"},
+        "codegen": {"served_model_name": "fake-codegen", "default_max_tokens": 2},
         "limits": {"max_tokens": 100, "max_request_bytes": 4096},
         # The vision routes have their own tests (tests/unit/test_vision_pipelines.py).
         "detector": None,
@@ -23,6 +23,17 @@ ARGS = AppArgs.model_validate(
         "grounder": None,
     }
 )
+
+
+class StrictTemplate(FakeEngine):
+    """A model whose chat template refuses conversations, as many HF templates do."""
+
+    def apply_chat_template(self, messages):
+        import jinja2
+
+        if [m["role"] for m in messages] != ["user"]:
+            raise jinja2.TemplateError("Conversation roles must alternate user/assistant/...")
+        return super().apply_chat_template(messages)
 
 
 class FailingMidStream(FakeEngine):
@@ -38,7 +49,7 @@ class FailingMidStream(FakeEngine):
 @pytest.fixture
 async def client():
     servers = {
-        "llm": LLMServer(ARGS.llm, engine=FakeEngine(reply="one two three four five six")),
+        "llm": LLMServer(ARGS.llm, engine=StrictTemplate(reply="one two three four five six")),
         "codegen": LLMServer(ARGS.codegen, engine=FailingMidStream(reply='{"a": 1} x y z')),
     }
     for s in servers.values():
@@ -153,7 +164,9 @@ async def test_stream_errors_before_the_first_byte_set_the_status(client):
 
 
 async def test_stream_errors_after_the_first_byte_are_sent_in_band_and_terminated(client):
-    r = await client.post("/v1/chat/completions", json=chat(model="fake-codegen", stream=True))
+    r = await client.post(
+        "/v1/chat/completions", json=chat(model="fake-codegen", stream=True, max_tokens=5)
+    )
     assert r.status_code == 200
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
@@ -190,3 +203,46 @@ async def test_models_and_health(client):
 
 def test_output_type_is_what_the_contract_says():
     assert GenerationOutput("", [], 0, 0).finish_reason is None
+
+
+async def test_a_chat_template_refusing_the_messages_is_a_400(client):
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    r = await client.post("/v1/chat/completions", json=chat(messages=messages))
+    err = assert_envelope(r, 400)
+    assert err["param"] == "messages" and "alternate" in err["message"]
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+async def test_seeds_outside_64_bits_are_a_400(client, seed):
+    assert_envelope(await client.post("/v1/chat/completions", json=chat(seed=seed)), 400)
+    r = await client.post(
+        "/v1/generate", json={"prompt": "p", "constraints": {"regex": "a"}, "seed": seed}
+    )
+    assert assert_envelope(r, 400)["param"] == "seed"
+
+
+async def test_generate_without_max_tokens_uses_the_models_default(client):
+    r = await client.post("/v1/generate", json={"prompt": "p", "constraints": {"regex": "a"}})
+    body = r.json()
+    assert body["tokens_generated"] == 2 and body["finish_reason"] == "length"
+
+
+async def test_health_names_the_services_that_are_not_ready_with_a_503(client):
+    class Broken:
+        async def health(self):
+            raise EngineError("scheduler died")
+
+    app = create_app(
+        ARGS,
+        {
+            "llm": LocalHandle(Broken()),
+            "codegen": LocalHandle(LLMServer(ARGS.codegen, engine=FakeEngine())),
+        },
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        await c.get("/v1/models")  # the ingress itself is up
+        err = assert_envelope(await c.get("/health"), 503, "service_unavailable")
+        assert "llm" in err["message"] and "scheduler died" in err["message"]
+        assert "codegen" not in err["message"]
+        live = await c.get("/health", params={"deep": "false"})  # liveness wakes nothing
+        assert live.status_code == 200
