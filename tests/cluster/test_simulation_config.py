@@ -85,8 +85,8 @@ def test_load_plans_ask_for_one_more_replica_of_each_model_service(prod_config):
     plans = {p.deployment: p for p in load_plans(prod_config)}
     # Every LLM-style service, the vision-language detector included (it serves chat too).
     assert set(plans) == {"LLM", "Codegen", "Detector"}
-    assert plans["LLM"].concurrency == 2 * 16  # min 1 + 1, target 16
-    assert plans["Codegen"].concurrency == 1 * 4  # min 0 + 1, target 4
+    assert plans["LLM"].concurrency == 2 * 48  # min 1 + 1, target 48
+    assert plans["Codegen"].concurrency == 1 * 8  # min 0 + 1, target 8
     assert plans["Detector"].concurrency == 2 * 4  # min 1 + 1, target 4
     assert plans["LLM"].model == "qwen2.5-7b-instruct"
 
