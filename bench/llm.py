@@ -23,27 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, free_port, median, percentile, table, write_section
+from bench.common import REPO, SCHEMA, free_port, median, percentile, table, write_section
 
 os.environ.setdefault("SERVE_APPS_CACHE_DIR", str(REPO / ".cache" / "serve_apps"))
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 24},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 6},
-        "address": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string"},
-                "zip": {"type": "string", "pattern": "[0-9]{5}"},
-            },
-            "required": ["city", "zip"],
-        },
-    },
-    "required": ["name", "age", "tags", "address"],
-}
 PROMPTS = [f"Write record number {i} as JSON:" for i in range(8)]
 
 

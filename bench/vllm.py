@@ -21,7 +21,7 @@ import os
 import time
 from typing import Any
 
-from bench.common import REPO, median, percentile, table, write_section
+from bench.common import REPO, SCHEMA, median, percentile, table, write_section
 
 # The vLLM lane's smoke-model cache (see scripts/test-vllm).
 os.environ.setdefault("SERVE_APPS_CACHE_DIR", str(REPO / ".cache" / "serve_apps-vllm"))
@@ -29,26 +29,6 @@ os.environ.setdefault("SERVE_APPS_CACHE_DIR", str(REPO / ".cache" / "serve_apps-
 BATCH = 32
 MAX_TOKENS = 128
 CONCURRENCY = (1, 8, 32)
-# Bounded, so that a random-weight model can finish it (the same as bench.llm's).
-SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 24},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 6},
-        "address": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 16},
-                "zip": {"type": "string", "pattern": "[0-9]{5}"},
-            },
-            "required": ["city", "zip"],
-            "additionalProperties": False,
-        },
-    },
-    "required": ["name", "age", "tags", "address"],
-    "additionalProperties": False,
-}
 
 
 async def _engines() -> dict[str, Any]:
@@ -250,7 +230,7 @@ async def bench_constraints(rounds: int) -> None:
         )
         + f"\n\n- medians of {rounds} rounds; max(16, 4 x concurrency) requests of at most "
         + f"{MAX_TOKENS} tokens per round, temperature 1.0, seeded, runs interleaved; the "
-        + "schema is bench.vllm.SCHEMA (bounded strings, arrays and numbers)."
+        + "schema is bench.common.SCHEMA (bounded strings, arrays and numbers)."
         + "\n- vLLM computes the grammar masks in its engine-core process (llguidance "
         + "through StructuredOutputsParams); the transformers engine in its scheduler "
         + "thread. Same compact-JSON grammar on both."

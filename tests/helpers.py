@@ -73,3 +73,17 @@ def b64(data: bytes) -> str:
 
 def png_data_url(data: bytes) -> str:
     return "data:image/png;base64," + b64(data)
+
+
+# A bounded JSON schema the engine tests constrain to (a random model can finish it).
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 10},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "pets", "ok"],
+    "additionalProperties": False,
+}

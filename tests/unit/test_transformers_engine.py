@@ -10,6 +10,7 @@ import pytest
 
 from serve_apps.engines.base import Constraint, GenerationRequest, SamplingParams
 from serve_apps.errors import EngineError
+from tests.helpers import PERSON_SCHEMA as SCHEMA
 
 PROMPTS = [
     "hello there",
@@ -59,19 +60,6 @@ async def test_seeded_sampling_is_reproducible(smoke_engine):
     c = await smoke_engine.generate_full(sampled(8))
     assert a.token_ids == b.token_ids
     assert a.token_ids != c.token_ids
-
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 10},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3},
-        "ok": {"type": "boolean"},
-    },
-    "required": ["name", "age", "pets", "ok"],
-    "additionalProperties": False,
-}
 
 
 async def test_json_schema_output_always_validates(smoke_engine):

@@ -16,20 +16,9 @@ import pytest
 
 from serve_apps.engines.base import Constraint, GenerationRequest, SamplingParams
 from serve_apps.errors import ConstraintError
+from tests.helpers import PERSON_SCHEMA as SCHEMA
 
 pytestmark = pytest.mark.vllm
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 10},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3},
-        "ok": {"type": "boolean"},
-    },
-    "required": ["name", "age", "pets", "ok"],
-    "additionalProperties": False,
-}
 
 
 def sampled(prompt, constraint=None, n=200, seed=0, **kw):
