@@ -26,6 +26,10 @@ from typing import Any
 from bench.common import REPO, SCHEMA, free_port, median, percentile, table, write_section
 
 os.environ.setdefault("SERVE_APPS_CACHE_DIR", str(REPO / ".cache" / "serve_apps"))
+# In-process engines compute on one thread, as in a Ray replica with fewer than 2 CPUs
+# (Ray sets OMP_NUM_THREADS from num_cpus): comparisons with the Serve path stay fair, and
+# torch's default two threads collapse when anything else runs on a 2-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 PROMPTS = [f"Write record number {i} as JSON:" for i in range(8)]
 
