@@ -6,13 +6,13 @@ deltas. The contract, which every engine (transformers, vLLM, the test fake) kee
 Streaming (:meth:`LLMEngine.generate`)
     Yields one or more ``GenerationOutput`` objects. Each carries only the *new* text and
     token ids since the previous one; every output but the last has some text (ids whose
-    text is held back, e.g. a partial UTF-8 character, ride on the next output). Exactly the last one has ``finish_reason`` set
-    (``"stop"``: EOS, a stop string, or the constraint completed; ``"length"``:
-    ``max_tokens`` reached). ``prompt_tokens``/``completion_tokens`` are running totals.
-    When a constraint was given, the last output's ``constraint_satisfied`` says whether
-    the full text matches it; it is True whenever ``finish_reason == "stop"`` because of
-    EOS or the constraint ending, and honestly False when ``max_tokens`` cut it short.
-    Stop strings are not part of the text.
+    text is held back, e.g. a partial UTF-8 character, ride on the next output). Exactly the
+    last one has ``finish_reason`` set (``"stop"``: EOS, a stop string, or the constraint
+    completed; ``"length"``: ``max_tokens`` reached).
+    ``prompt_tokens``/``completion_tokens`` are running totals. When a constraint was given,
+    the last output's ``constraint_satisfied`` says whether the full text matches it; it is
+    True whenever ``finish_reason == "stop"`` because of EOS or the constraint ending, and
+    honestly False when ``max_tokens`` cut it short. Stop strings are not part of the text.
 
 Not streaming (:meth:`LLMEngine.generate_full`)
     Drains :meth:`generate` into one ``GenerationOutput`` with the whole text.
