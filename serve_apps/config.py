@@ -254,6 +254,23 @@ class ImageLimits(StrictModel):
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=36_000_000, ge=1)
     max_images_per_message: int = Field(default=4, ge=1, description="chat requests")
+    max_images_per_request: int = Field(
+        default=8, ge=1, description="chat requests: images in all messages together"
+    )
+    max_image_bytes_per_request: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024,
+        description="chat requests: bytes of all images together, fetched or inline (413)",
+    )
+    images_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=600.0,
+        description="chat requests: one deadline for fetching and checking all images",
+    )
+    max_concurrent_fetches: int = Field(
+        default=4, ge=1, le=32, description="chat requests: image URLs fetched at once"
+    )
     allow_image_urls: bool = True
     allow_private_urls: bool = Field(
         default=False,

@@ -7,9 +7,10 @@ the validated bytes, which are far smaller than pixels when they cross the netwo
 - :func:`image_bytes_from_field` decodes base64 or a ``data:`` URL (byte limit: 413);
 - :func:`fetch_image_url` downloads an ``http``/``https`` URL under the URL policy:
   private, loopback, link-local and other non-public addresses are refused unless the
-  config allows them (every redirect hop is checked again, and the connection goes to
-  the address that was checked, so DNS cannot swap it afterwards), with a byte limit and
-  a time limit;
+  config allows them (IPv6 forms that embed an IPv4 address are judged by it, or
+  refused; every redirect hop is checked again, and the connection goes to an address
+  that was checked, so DNS cannot swap it afterwards), uncompressed only, with a byte
+  limit (per image, and per request with a :class:`ByteBudget`) and a time limit;
 - :func:`decode_image` turns bytes into an RGB ``PIL.Image`` (EXIF rotation applied),
   checking the pixel count from the header before decoding (400 when over the limit)
   and reporting a corrupt or unknown file as a 400.
@@ -28,7 +29,7 @@ import ipaddress
 import re
 import socket
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 from .errors import ImageError, PayloadTooLargeError
 
@@ -81,15 +82,19 @@ def image_bytes_from_field(value: str, max_bytes: int, param: str = "image") -> 
 
 
 def decode_image(data: bytes, max_pixels: int | None = None, param: str = "image") -> Image.Image:
-    """An RGB image from file bytes; ``ImageError`` (400) for anything that is not one."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """An RGB image from file bytes; ``ImageError`` (400) for anything that is not one.
+
+    The bytes are untrusted: whatever a decoder raises on them is the client's problem (a
+    400), never a 500. Two cases keep their own answer: a decompression bomb is 400
+    ``image_too_many_pixels``, and running out of memory while decoding is 413
+    ``image_too_large`` (the image is too big for this service).
+    """
+    from PIL import Image, ImageOps
 
     try:
         image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
-        raise ImageError(str(e), param=param, code="image_too_many_pixels") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"{param} is not an image this service can read", param=param) from e
+    except Exception as e:
+        raise _decode_error(e, param, "is not an image this service can read", detail=False) from e
     width, height = image.size
     # The header is read, the pixels are not: refuse before allocating them.
     if max_pixels is not None and width * height > max_pixels:
@@ -105,18 +110,63 @@ def decode_image(data: bytes, max_pixels: int | None = None, param: str = "image
         image.load()
         rotated = ImageOps.exif_transpose(image)
         return (rotated if rotated is not None else image).convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise ImageError(str(e), param=param, code="image_too_many_pixels") from e
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(f"{param} is a damaged or truncated image: {e}", param=param) from e
+    except Exception as e:
+        raise _decode_error(e, param, "is a damaged or truncated image") from e
+
+
+def _decode_error(
+    e: Exception, param: str, what: str, *, detail: bool = True
+) -> ImageError | PayloadTooLargeError:
+    """The client error for an exception a decoder raised on an untrusted file."""
+    from PIL import Image
+
+    if isinstance(e, Image.DecompressionBombError):
+        return ImageError(str(e), param=param, code="image_too_many_pixels")
+    if isinstance(e, MemoryError):
+        return PayloadTooLargeError(
+            f"{param} needs more memory to decode than this service has",
+            param=param,
+            code="image_too_large",
+        )
+    if not detail:
+        return ImageError(f"{param} {what}", param=param)
+    return ImageError(f"{param} {what}: {str(e) or type(e).__name__}", param=param)
 
 
 # --------------------------------------------------------------------- image_url
+# IPv6 ranges that carry or reach an IPv4 address (or a network) we cannot check, and the
+# deprecated site-local range, which some stacks still route internally: always refused.
+_REFUSED_V6 = tuple(
+    ipaddress.IPv6Network(net)
+    for net in (
+        "::/96",  # IPv4-compatible (deprecated)
+        "::ffff:0:0:0/96",  # IPv4-translated (SIIT)
+        "64:ff9b:1::/48",  # local-use NAT64: the operator's own translation
+        "2001::/32",  # Teredo: tunnels to an embedded IPv4 address
+        "2002::/16",  # 6to4: an embedded IPv4 address (2002:a9fe:a9fe:: is 169.254.169.254)
+        "fec0::/10",  # site-local (deprecated)
+    )
+)
+# The well-known NAT64 prefix: the last 32 bits are the IPv4 address the gateway reaches.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def address_is_public(address: str) -> bool:
-    """True for a globally routable unicast address (what a public URL may point to)."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    """True for a globally routable unicast address (what a public URL may point to).
+
+    An IPv6 address that embeds an IPv4 address is judged by that IPv4 address when the
+    embedding is a fixed mapping (IPv4-mapped ``::ffff:0:0/96``, NAT64 ``64:ff9b::/96``);
+    the other embedding and tunnelling forms (6to4, Teredo, IPv4-compatible, local NAT64)
+    and site-local ``fec0::/10`` are refused outright.
+    """
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif ip.is_site_local or any(ip in net for net in _REFUSED_V6):
+            return False
     return not (
         ip.is_private
         or ip.is_loopback
@@ -128,6 +178,36 @@ def address_is_public(address: str) -> bool:
     )
 
 
+class ByteBudget:
+    """Image bytes a whole request may bring in (several images, fetched concurrently).
+
+    Every image takes its bytes from the budget as they arrive, so a download stops as
+    soon as the request's images together are over it (413 ``images_too_large``).
+    """
+
+    def __init__(self, limit: int, param: str = "messages"):
+        self.limit = limit
+        self.used = 0
+        self._param = param
+
+    def check(self, size: int) -> None:
+        """Refuse ``size`` more bytes (a declared length) without taking them."""
+        if self.used + size > self.limit:
+            raise self._over()
+
+    def take(self, size: int) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise self._over()
+
+    def _over(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(
+            f"the request's images are over its {self.limit}-byte total limit",
+            param=self._param,
+            code="images_too_large",
+        )
+
+
 def _refused(message: str) -> ImageError:
     return ImageError(message, param="image_url", code="image_url_not_allowed")
 
@@ -136,13 +216,18 @@ def _failed(message: str) -> ImageError:
     return ImageError(message, param="image_url", code="image_url_fetch_failed")
 
 
-async def _resolve(host: str, port: int, allow_private: bool) -> str:
-    """One address for ``host`` that the policy allows; refuse if any address is not."""
+async def _getaddrinfo(host: str, port: int) -> list[Any]:
+    """The resolver (a seam for tests)."""
+    return await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+
+
+async def _resolve(host: str, port: int, allow_private: bool) -> list[str]:
+    """The addresses of ``host``, in the resolver's order; refuse if any is not allowed."""
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await _getaddrinfo(host, port)
     except (socket.gaierror, UnicodeError) as e:
         raise _failed(f"cannot resolve {host!r}: {e}") from e
-    addresses = [str(info[4][0]) for info in infos]
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if not addresses:
         raise _failed(f"cannot resolve {host!r}")
     if not allow_private:
@@ -153,20 +238,30 @@ async def _resolve(host: str, port: int, allow_private: bool) -> str:
                     f"image_url host {host!r} resolves to {address}, which is not a public "
                     "address (private, loopback and link-local addresses are refused)"
                 )
-    return addresses[0]
+    return addresses
 
 
-async def fetch_image_url(url: str, limits: ImageLimits) -> bytes:
-    """Download an image from an http(s) URL under the configured policy and limits."""
+def _host_header(hostname: str, port: int | None) -> str:
+    """The Host header of a URL: IPv6 literals in brackets, the port only when explicit."""
+    host = f"[{hostname}]" if ":" in hostname else hostname
+    return host if port is None else f"{host}:{port}"
+
+
+async def fetch_image_url(url: str, limits: ImageLimits, budget: ByteBudget | None = None) -> bytes:
+    """Download an image from an http(s) URL under the configured policy and limits.
+
+    ``budget``, when given, is the request's total for all its images (see
+    :class:`ByteBudget`), on top of the per-image ``max_image_bytes``.
+    """
     if not limits.allow_image_urls:
         raise _refused("image_url is disabled on this service; send the image inline")
     try:
-        return await asyncio.wait_for(_fetch(url, limits), limits.image_url_timeout_s)
+        return await asyncio.wait_for(_fetch(url, limits, budget), limits.image_url_timeout_s)
     except TimeoutError as e:
         raise _failed(f"fetching image_url took over {limits.image_url_timeout_s} s") from e
 
 
-async def _fetch(url: str, limits: ImageLimits) -> bytes:
+async def _fetch(url: str, limits: ImageLimits, budget: ByteBudget | None) -> bytes:
     import httpx
 
     async with httpx.AsyncClient(
@@ -184,22 +279,19 @@ async def _fetch(url: str, limits: ImageLimits) -> bytes:
                 port = parts.port or (443 if parts.scheme == "https" else 80)
             except ValueError as e:
                 raise _refused(f"image_url has an invalid port: {e}") from e
-            address = await _resolve(parts.hostname, port, limits.allow_private_urls)
-            # Connect to the address that was checked; keep Host and TLS name (SNI and
-            # certificate) those of the URL.
-            netloc = f"[{address}]" if ":" in address else address
-            target = parts._replace(netloc=f"{netloc}:{port}").geturl()
-            host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{port}"
+            addresses = await _resolve(parts.hostname, port, limits.allow_private_urls)
+            # Connect to an address that was checked (the next one when a connection
+            # fails); keep Host and TLS name (SNI and certificate) those of the URL.
+            headers = {
+                "Host": _host_header(parts.hostname, parts.port),
+                # No compression: the size limit counts bytes as they arrive, and a
+                # compressed body could inflate far past it inside one chunk.
+                "Accept-Encoding": "identity",
+            }
             extensions: dict[str, Any] = {}
             if parts.scheme == "https":
                 extensions["sni_hostname"] = parts.hostname
-            request = client.build_request(
-                "GET", target, headers={"Host": host_header}, extensions=extensions
-            )
-            try:
-                response = await client.send(request, stream=True)
-            except httpx.HTTPError as e:
-                raise _failed(f"fetching image_url failed: {type(e).__name__}: {e}") from e
+            response = await _connect(client, parts, port, addresses, headers, extensions)
             try:
                 if response.is_redirect:
                     location = response.headers.get("location")
@@ -209,15 +301,27 @@ async def _fetch(url: str, limits: ImageLimits) -> bytes:
                     continue
                 if response.status_code != 200:
                     raise _failed(f"image_url answered HTTP {response.status_code}")
+                encoding = response.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise _failed(
+                        f"image_url answered with Content-Encoding {encoding!r}; only "
+                        "uncompressed (identity) responses are accepted"
+                    )
                 declared = response.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > limits.max_image_bytes:
-                    raise _too_large(int(declared), limits.max_image_bytes, "image_url")
+                if declared and declared.isdigit():
+                    if int(declared) > limits.max_image_bytes:
+                        raise _too_large(int(declared), limits.max_image_bytes, "image_url")
+                    if budget is not None:
+                        budget.check(int(declared))
                 chunks: list[bytes] = []
                 size = 0
-                async for chunk in response.aiter_bytes():
+                # Identity encoding: the bytes read are the bytes of the image.
+                async for chunk in response.aiter_raw():
                     size += len(chunk)
                     if size > limits.max_image_bytes:
                         raise _too_large(size, limits.max_image_bytes, "image_url")
+                    if budget is not None:
+                        budget.take(len(chunk))
                     chunks.append(chunk)
             except httpx.HTTPError as e:
                 raise _failed(f"fetching image_url failed: {type(e).__name__}: {e}") from e
@@ -230,13 +334,50 @@ async def _fetch(url: str, limits: ImageLimits) -> bytes:
         raise _failed(f"image_url redirected more than {limits.max_redirects} times")
 
 
-async def resolve_image(image: str | None, image_url: str | None, limits: ImageLimits) -> bytes:
-    """The bytes of a request's image, from exactly one of ``image`` / ``image_url``."""
+async def _connect(
+    client: Any,
+    parts: SplitResult,
+    port: int,
+    addresses: list[str],
+    headers: dict[str, str],
+    extensions: dict[str, Any],
+) -> Any:
+    """The response of the first checked address that takes the connection."""
+    import httpx
+
+    failures: list[str] = []
+    for address in addresses:
+        netloc = f"[{address}]" if ":" in address else address
+        target = parts._replace(netloc=f"{netloc}:{port}").geturl()
+        request = client.build_request("GET", target, headers=headers, extensions=extensions)
+        try:
+            return await client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            failures.append(f"{address}: {type(e).__name__}: {e}")  # try the next one
+        except httpx.HTTPError as e:
+            raise _failed(f"fetching image_url failed: {type(e).__name__}: {e}") from e
+    raise _failed(
+        "fetching image_url failed: no address took the connection (" + "; ".join(failures) + ")"
+    )
+
+
+async def resolve_image(
+    image: str | None,
+    image_url: str | None,
+    limits: ImageLimits,
+    budget: ByteBudget | None = None,
+) -> bytes:
+    """The bytes of a request's image, from exactly one of ``image`` / ``image_url``;
+    ``budget`` (a request's total for all its images) is charged with them."""
     if (image is None) == (image_url is None):
         raise ImageError("give exactly one of image (base64 or data URL) and image_url")
     if image is not None:
-        return image_bytes_from_field(image, limits.max_image_bytes)
-    assert image_url is not None
-    if image_url.startswith("data:"):
-        return image_bytes_from_field(image_url, limits.max_image_bytes, param="image_url")
-    return await fetch_image_url(image_url, limits)
+        data = image_bytes_from_field(image, limits.max_image_bytes)
+    else:
+        assert image_url is not None
+        if not image_url.startswith("data:"):
+            return await fetch_image_url(image_url, limits, budget)
+        data = image_bytes_from_field(image_url, limits.max_image_bytes, param="image_url")
+    if budget is not None:
+        budget.take(len(data))
+    return data

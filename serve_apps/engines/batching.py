@@ -6,6 +6,11 @@ worker task groups what is waiting (up to ``max_batch_size``, waiting at most
 ``max_wait_s`` after the first item for more to arrive), runs ``run_batch(items)`` in
 ``executor`` and hands each caller its own result. While one batch runs, new items queue
 up and form the next batch, so under load batches fill without any extra delay.
+
+Failures stay with the batch they belong to: if ``run_batch`` raises, or returns a wrong
+number of results, every caller of that batch gets the error and the worker goes on with
+the next batch. ``close()`` fails every caller still waiting (queued or in the batch that
+is running) with :class:`BatcherClosedError`.
 """
 
 from __future__ import annotations
@@ -15,10 +20,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class BatcherClosedError(RuntimeError):
+    """The batcher was closed while the call waited (the service is shutting down)."""
 
 
 class MicroBatcher(Generic[T, R]):
@@ -39,9 +48,12 @@ class MicroBatcher(Generic[T, R]):
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._closed = False
         self.batch_sizes: Counter[int] = Counter()  # for tests and benchmarks
 
     async def submit(self, item: T) -> R:
+        if self._closed:
+            raise BatcherClosedError("the batcher is closed")
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._arrived = asyncio.Event()
@@ -53,17 +65,16 @@ class MicroBatcher(Generic[T, R]):
         return await future
 
     async def close(self) -> None:
-        if self._worker is not None:
+        self._closed = True
+        if self._worker is not None:  # fails the callers of the batch that runs, if any
             self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
             self._worker = None
-        for _, future in self._pending:
-            future.cancel()
+        _fail([f for _, f in self._pending], BatcherClosedError("the batcher was closed"))
         self._pending.clear()
 
     async def _work(self) -> None:
         assert self._arrived is not None
-        loop = asyncio.get_running_loop()
         while True:
             await self._arrived.wait()
             deadline = time.monotonic() + self._max_wait_s
@@ -76,24 +87,39 @@ class MicroBatcher(Generic[T, R]):
                     await asyncio.wait_for(self._arrived.wait(), left)
                 except TimeoutError:
                     break
-            batch = [(i, f) for i, f in self._pending[: self.max_batch_size] if not f.cancelled()]
+            batch = [(i, f) for i, f in self._pending[: self.max_batch_size] if not f.done()]
             del self._pending[: self.max_batch_size]
             if self._pending:  # more than one batch was waiting: go again at once
                 self._arrived.set()
             else:
                 self._arrived.clear()
-            if not batch:
-                continue
-            self.batch_sizes[len(batch)] += 1
-            try:
-                results = await loop.run_in_executor(
-                    self._executor, self._run_batch, [i for i, _ in batch]
+            if batch:
+                await self._run(batch)
+
+    async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        """One batch; whatever goes wrong goes to its callers, never to the worker."""
+        futures = [f for _, f in batch]
+        self.batch_sizes[len(batch)] += 1
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._run_batch, [i for i, _ in batch]
+            )
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"the batch function returned {len(results)} results for {len(batch)} items"
                 )
-            except Exception as e:  # every caller of the batch gets the failure
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(e)
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+        except asyncio.CancelledError:  # the worker is stopped (close): so is the batch
+            _fail(futures, BatcherClosedError("the batcher was closed"))
+            raise
+        except Exception as e:  # every caller of the batch gets the failure
+            _fail(futures, e)
+            return
+        for future, result in zip(futures, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+
+def _fail(futures: Sequence[asyncio.Future[Any]], error: BaseException) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)

@@ -30,7 +30,7 @@ import re
 from collections.abc import Collection, Sequence
 from typing import Any, Literal
 
-from ..errors import InvalidRequestError
+from ..vision_checks import check_category
 
 Task = Literal["detection", "pointing"]
 
@@ -56,44 +56,11 @@ _ITEM = re.compile(
     r"<\|object_ref_start\|>\s*([^<]+?)\s*<\|object_ref_end\|>\s*<\|box_start\|>(.*?)<\|box_end\|>"
 )
 _COORD = re.compile(r"<(\d+)>")
-# What a category may not contain: "<" and ">" would break the output format, "," the
-# prompt (categories are joined with ", "), control characters everything.
-_BAD_CATEGORY = re.compile(r"[<>,\x00-\x1f\x7f]")
 
 
 def build_prompt(task: str, categories: Sequence[str]) -> str:
     """The user prompt for ``task`` over ``categories`` (Rex-Omni's wording)."""
     return PROMPTS[task].format(categories=", ".join(categories))
-
-
-def check_category(category: str) -> str | None:
-    """Why ``category`` cannot be asked for, or None if it can."""
-    if not category.strip():
-        return "is empty"
-    if _BAD_CATEGORY.search(category):
-        return "contains one of < > , or a control character"
-    return None
-
-
-def validate_categories(categories: Sequence[str], limit: int) -> list[str]:
-    """Stripped, deduplicated categories that Rex-Omni's format can carry; else a 400."""
-    out: list[str] = []
-    for category in categories:
-        why = check_category(category)
-        if why is not None:
-            raise InvalidRequestError(
-                f"category {category!r} {why}", param="categories", code="invalid_category"
-            )
-        category = category.strip()
-        if category not in out:
-            out.append(category)
-    if len(out) > limit:
-        raise InvalidRequestError(
-            f"{len(out)} categories is over the detector's limit of {limit}",
-            param="categories",
-            code="too_many_categories",
-        )
-    return out
 
 
 def to_bin(value: float, size: float) -> int:

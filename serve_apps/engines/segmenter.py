@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidRequestError
+from ..timing import elapsed_ms
+from ..vision_checks import check_box_count
 from .batching import MicroBatcher
 
 if TYPE_CHECKING:
@@ -84,6 +85,14 @@ class ImageEmbedding:
     features: torch.Tensor  # (1, 256, 64, 64), on the model's device
     original_size: tuple[int, int]  # (height, width) of the image
     input_size: tuple[int, int]  # (height, width) after resizing the long side to 1024
+
+
+@dataclass
+class _Encoding:
+    """An image encoding in progress and how many requests wait for it."""
+
+    task: asyncio.Task[tuple[ImageEmbedding, dict[str, float]]]
+    waiters: int = 0
 
 
 @dataclass
@@ -173,7 +182,7 @@ class Segmenter:
         self._max_image_pixels = max_image_pixels
         self._cache: OrderedDict[str, ImageEmbedding] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._inflight: dict[str, asyncio.Task[tuple[ImageEmbedding, dict[str, float]]]] = {}
+        self._inflight: dict[str, _Encoding] = {}
         # One thread runs every model call; the batcher queues encodings in front of it.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam")
         self._batcher: MicroBatcher[np.ndarray, ImageEmbedding] = MicroBatcher(
@@ -228,19 +237,14 @@ class Segmenter:
         """Make sure ``image``'s embedding is cached (the pipeline's head start)."""
         t0 = time.perf_counter()
         embedding, hit, timings = await self._embedding(image)
-        timings["total"] = _ms(t0)
+        timings["total"] = elapsed_ms(t0)
         h, w = embedding.original_size
         return EncodeOutput(image_size=(w, h), cache_hit=hit, timings_ms=timings)
 
     async def segment(self, image: bytes, boxes: Sequence[Sequence[float]]) -> SegmentOutput:
         """Masks and polygons for ``boxes`` (x1 y1 x2 y2, pixels) on ``image`` (file bytes)."""
         t0 = time.perf_counter()
-        if len(boxes) > self.max_boxes:
-            raise InvalidRequestError(
-                f"{len(boxes)} boxes is over this service's limit of {self.max_boxes}",
-                param="boxes",
-                code="too_many_boxes",
-            )
+        check_box_count(len(boxes), self.max_boxes)
         embedding, hit, timings = await self._embedding(image)
         h, w = embedding.original_size
         results: list[MaskResult] = []
@@ -251,7 +255,7 @@ class Segmenter:
             )
             timings.update(decode_timings)
             self.counters["boxes"] += len(clean)
-        timings["total"] = _ms(t0)
+        timings["total"] = elapsed_ms(t0)
         return SegmentOutput(results=results, image_size=(w, h), cache_hit=hit, timings_ms=timings)
 
     # ---------------------------------------------------------------- embeddings
@@ -266,37 +270,51 @@ class Segmenter:
         if cached is not None:
             self.counters["cache_hits"] += 1
             return cached, True, {"decode": 0.0, "encode": 0.0}
-        task = self._inflight.get(key)
-        shared = task is not None
-        if task is None:
+        encoding = self._inflight.get(key)
+        shared = encoding is not None
+        if encoding is None:
             # The encoding is a task of its own, not part of this request: a client that
             # goes away must not fail the other requests waiting for the same image.
             self.counters["cache_misses"] += 1
             task = asyncio.get_running_loop().create_task(self._compute(key, image))
-            self._inflight[key] = task
-            task.add_done_callback(partial(self._encoded, key))
+            encoding = _Encoding(task)
+            self._inflight[key] = encoding
+            task.add_done_callback(partial(self._encoded, key, encoding))
         else:
             self.counters["cache_hits"] += 1
+        encoding.waiters += 1
         t0 = time.perf_counter()
-        embedding, timings = await asyncio.shield(task)
+        try:
+            embedding, timings = await asyncio.shield(encoding.task)
+        finally:
+            encoding.waiters -= 1
+            if encoding.waiters == 0 and not encoding.task.done():
+                # Every request that wanted it has gone (cancelled): stop the encoding. If
+                # it is still queued for the encoder it never runs; an encoder call that
+                # has started cannot be stopped, and its result is dropped. A request for
+                # the same image that comes now starts a new encoding.
+                encoding.task.cancel()
+                if self._inflight.get(key) is encoding:
+                    del self._inflight[key]
         if shared:  # this request only waited for another one's encoding
-            timings = {"decode": 0.0, "encode": _ms(t0)}
+            timings = {"decode": 0.0, "encode": elapsed_ms(t0)}
         return embedding, shared, timings
 
     async def _compute(self, key: str, image: bytes) -> tuple[ImageEmbedding, dict[str, float]]:
         t0 = time.perf_counter()
         pixels = await asyncio.to_thread(self._pixels, image)
-        decoded = _ms(t0)
+        decoded = elapsed_ms(t0)
         t0 = time.perf_counter()
         embedding = await self._batcher.submit(pixels)
         with self._cache_lock:
             self._cache[key] = embedding
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-        return embedding, {"decode": decoded, "encode": _ms(t0)}
+        return embedding, {"decode": decoded, "encode": elapsed_ms(t0)}
 
-    def _encoded(self, key: str, task: asyncio.Task[Any]) -> None:
-        self._inflight.pop(key, None)
+    def _encoded(self, key: str, encoding: _Encoding, task: asyncio.Task[Any]) -> None:
+        if self._inflight.get(key) is encoding:
+            del self._inflight[key]
         if not task.cancelled():
             task.exception()  # mark it retrieved: every waiter may have gone
 
@@ -366,7 +384,7 @@ class Segmenter:
                 scores.append(iou[:, 0])
             low_res_all = torch.cat(low_res)
             score_list = torch.cat(scores).tolist()
-        decoded = _ms(t0)
+        decoded = elapsed_ms(t0)
         t0 = time.perf_counter()
         results: list[MaskResult] = []
         with torch.inference_mode():
@@ -386,7 +404,7 @@ class Segmenter:
                             polygons=mask_to_polygons(mask, **self._polygon),  # type: ignore[arg-type]
                         )
                     )
-        return results, {"decode_masks": decoded, "polygons": _ms(t0)}
+        return results, {"decode_masks": decoded, "polygons": elapsed_ms(t0)}
 
 
 def _clip_box(box: Sequence[float], width: int, height: int) -> list[float]:
@@ -395,7 +413,3 @@ def _clip_box(box: Sequence[float], width: int, height: int) -> list[float]:
     x1, x2 = sorted((min(max(x1, 0.0), width), min(max(x2, 0.0), width)))
     y1, y2 = sorted((min(max(y1, 0.0), height), min(max(y2, 0.0), height)))
     return [x1, y1, x2, y2]
-
-
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 3)

@@ -143,12 +143,22 @@ class TransformersVLEngine(TransformersEngine):
             if mm_types is None:
                 # Without it the model silently falls back to text positions; build it.
                 mm_types = input_ids.eq(self._image_token_id).to(torch.int32)
-            with torch.inference_mode():
-                positions, deltas = self._rope_index(
-                    input_ids,
-                    mm_token_type_ids=mm_types,
-                    image_grid_thw=extras.get("image_grid_thw"),
-                )
+            try:
+                with torch.inference_mode():
+                    positions, deltas = self._rope_index(
+                        input_ids,
+                        mm_token_type_ids=mm_types,
+                        image_grid_thw=extras.get("image_grid_thw"),
+                    )
+            except (StopIteration, TypeError, ValueError, IndexError) as e:
+                # The image tokens in the prompt do not match the images (e.g. a prompt
+                # that spells out image tokens itself): the request's fault, not the
+                # model's. (A StopIteration must not escape: raised through a Future in
+                # the worker thread, it would leave the request hanging.)
+                raise InvalidRequestError(
+                    f"the prompt's image tokens do not match its images: {type(e).__name__}: {e}",
+                    code="invalid_image",
+                ) from e
             extras["positions"] = positions[:, 0, :]  # (3, prompt length)
             offset = int(deltas.reshape(-1)[0])
         return PromptInputs(input_ids[0].tolist(), extras, position_offset=offset)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from ..config import DetectorConfig, GrounderConfig, SAMConfig, Settings
 from ..engines.base import Constraint, GenerationRequest, LLMEngine, SamplingParams
-from ..errors import InvalidRequestError, UnsupportedError
+from ..errors import UnsupportedError
 from ..schemas.vision import (
     DetectCall,
     DetectResult,
@@ -29,13 +29,11 @@ from ..schemas.vision import (
     SegmentResult,
     Shape,
 )
+from ..timing import elapsed_ms
+from ..vision_checks import check_caption, validate_categories
 from .llm import LLMServer
 
 logger = logging.getLogger(__name__)
-
-
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 3)
 
 
 class DetectorServer(LLMServer):
@@ -62,10 +60,10 @@ class DetectorServer(LLMServer):
         info = self._engine.info()
         if not info.supports_images:
             raise UnsupportedError(f"model {cfg.served_model_name} does not take images")
-        categories = detection.validate_categories(call.categories, cfg.max_categories)
+        categories = validate_categories(call.categories, cfg.max_categories)
         max_tokens = call.max_tokens or cfg.detect_max_tokens
         image = await asyncio.to_thread(decode_image, call.image)
-        timings = {"decode": _ms(t_start)}
+        timings = {"decode": elapsed_ms(t_start)}
         width, height = image.size
         prompt = self._engine.apply_chat_template(
             [
@@ -207,13 +205,7 @@ class GrounderServer:
         return {"pipeline": self.config.pipeline}
 
     async def phrases(self, caption: str) -> list[PhraseResult]:
-        if len(caption) > self.config.max_caption_chars:
-            raise InvalidRequestError(
-                f"caption is {len(caption)} characters, over the limit of "
-                f"{self.config.max_caption_chars}",
-                param="caption",
-                code="caption_too_long",
-            )
+        check_caption(caption, self.config.max_caption_chars)  # the ingress checked it too
         found = await self.grounder.phrases_async(caption)
         return [
             PhraseResult(text=p.text, start_char=p.start_char, end_char=p.end_char, root=p.root)

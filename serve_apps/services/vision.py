@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import AppArgs
-from ..errors import ContextLengthError, ImageError, InvalidRequestError, UnsupportedError
+from ..errors import ContextLengthError, ImageError, UnsupportedError
 from ..handles import Handle
 from ..schemas.vision import (
     DetectCall,
@@ -45,18 +45,16 @@ from ..schemas.vision import (
     SegmentResult,
     Shape,
 )
+from ..timing import elapsed_ms
+from ..vision_checks import check_box_count, check_caption, check_category, validate_categories
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from ..schemas.openai import ChatCompletionRequest
+    from ..schemas.openai import ChatCompletionRequest, ContentPart
     from .visualize import Overlay
 
 T = TypeVar("T")
-
-
-def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 3)
 
 
 def _flat(shape: Shape) -> list[float]:
@@ -67,7 +65,7 @@ def _flat(shape: Shape) -> list[float]:
 async def _timed(awaitable: Awaitable[T]) -> tuple[T, float]:
     t0 = time.perf_counter()
     result = await awaitable
-    return result, _ms(t0)
+    return result, elapsed_ms(t0)
 
 
 async def _encode(sam: Handle, data: bytes) -> tuple[EncodeResult, float]:
@@ -104,12 +102,12 @@ class VisionPipelines:
         t0 = time.perf_counter()
         data = await resolve_image(req.image, req.image_url, limits)
         if req.image_url is not None and not req.image_url.startswith("data:"):
-            timings["fetch"] = _ms(t0)
+            timings["fetch"] = elapsed_ms(t0)
         t0 = time.perf_counter()
         image = await asyncio.to_thread(
             decode_image, data, limits.max_image_pixels, "image" if req.image else "image_url"
         )
-        timings["decode"] = _ms(t0)
+        timings["decode"] = elapsed_ms(t0)
         return data, image
 
     async def _overlay(
@@ -119,7 +117,7 @@ class VisionPipelines:
 
         t0 = time.perf_counter()
         png = await asyncio.to_thread(render_png, image, overlay)
-        timings["visualize"] = _ms(t0)
+        timings["visualize"] = elapsed_ms(t0)
         return png
 
     # --------------------------------------------------------------- detect
@@ -142,7 +140,7 @@ class VisionPipelines:
                     target = overlay.boxes if shape.type == "box" else overlay.points
                     target.append((category, _flat(shape)))
             visualization = await self._overlay(image, overlay, timings)
-        timings["total"] = _ms(t_start)
+        timings["total"] = elapsed_ms(t_start)
         return DetectResponse(
             model=result.model,
             task=req.task,
@@ -161,8 +159,6 @@ class VisionPipelines:
 
     def _check_detection(self, categories: list[str], max_tokens: int | None) -> list[str]:
         """What the detector would refuse, refused before the image is fetched or decoded."""
-        from ..engines.detection import validate_categories
-
         detector_cfg = self.args.detector
         assert detector_cfg is not None
         self._check_max_tokens(max_tokens)
@@ -195,12 +191,8 @@ class VisionPipelines:
         t_start = time.perf_counter()
         sam = self._handle("sam", "/v1/segment")
         max_boxes = self._max_boxes()
-        if req.boxes is not None and len(req.boxes) > max_boxes:
-            raise InvalidRequestError(
-                f"{len(req.boxes)} boxes is over this service's limit of {max_boxes}",
-                param="boxes",
-                code="too_many_boxes",
-            )
+        if req.boxes is not None:
+            check_box_count(len(req.boxes), max_boxes)  # before the image is fetched
         categories: list[str] = []
         if req.categories is not None:
             self._handle("detector", "/v1/segment with categories")
@@ -247,7 +239,7 @@ class VisionPipelines:
                 polygons=[(r.category or f"box {i}", r.polygons) for i, r in enumerate(results)],
             )
             visualization = await self._overlay(image, overlay, timings)
-        timings["total"] = _ms(t_start)
+        timings["total"] = elapsed_ms(t_start)
         return SegmentResponse(
             image_size=image.size,
             sam_results=results,
@@ -274,13 +266,14 @@ class VisionPipelines:
         seg, timings["segment"] = await _timed(sam.call("segment", data, boxes))
         encode_ms = seg.timings_ms.get("encode", 0.0)
         if encode is not None:
-            try:
-                encoded, _ = await encode
+            if encode.done() and not encode.cancelled() and encode.exception() is None:
+                encoded, _ = encode.result()
                 encode_ms = max(encode_ms, encoded.timings_ms.get("encode", 0.0))
-            except Exception:
-                # The segment call succeeded, so the image is fine; a failed head start
-                # (e.g. the encode landed on a replica that went away) changes nothing.
-                pass
+            else:
+                # The masks are here, so the head start is of no more use: waiting for it
+                # would wait for a whole encoder pass when it went to another replica. A
+                # failed head start (e.g. its replica went away) changes nothing either.
+                encode.cancel()
         timings["encode"] = encode_ms
         timings["decode_masks"] = seg.timings_ms.get("decode_masks", 0.0)
         timings["polygons"] = seg.timings_ms.get("polygons", 0.0)
@@ -288,7 +281,6 @@ class VisionPipelines:
 
     # --------------------------------------------------------------- ground
     async def ground(self, req: GroundRequest) -> GroundResponse:
-        from ..engines.detection import check_category
         from .visualize import Overlay
 
         t_start = time.perf_counter()
@@ -296,6 +288,9 @@ class VisionPipelines:
         detector = self._handle("detector", "/v1/ground")
         sam = self._handle("sam", "/v1/ground")
         self._check_max_tokens(req.max_tokens)
+        assert self.args.grounder is not None
+        # Before the image is fetched or decoded and SAM starts encoding it.
+        check_caption(req.caption, self.args.grounder.max_caption_chars)
         timings: dict[str, float] = {}
         data, image = await self.load_image(req, timings)
         notes: list[str] = []
@@ -354,7 +349,7 @@ class VisionPipelines:
                 overlay.boxes.extend((a.phrase, b) for b in a.boxes)
                 overlay.polygons.extend((a.phrase, m.polygons) for m in a.masks)
             visualization = await self._overlay(image, overlay, timings)
-        timings["total"] = _ms(t_start)
+        timings["total"] = elapsed_ms(t_start)
         if not found:
             notes.append("the caption has no noun phrases")
         elif not any(a.boxes for a in annotations):
@@ -373,30 +368,74 @@ class VisionPipelines:
 
 async def resolve_chat_images(req: ChatCompletionRequest, args: AppArgs) -> None:
     """Fetch and check every image of a chat request, in place: afterwards each image part
-    is a ``data:`` URL within the limits, which is all a model server accepts."""
-    from ..images import decode_image, resolve_image
+    is a ``data:`` URL within the limits, which is all a model server accepts.
+
+    The counts are checked before anything is fetched: at most ``max_images_per_message``
+    per message and ``max_images_per_request`` in all (400 ``too_many_images``). Then the
+    images are fetched and decoded concurrently (``max_concurrent_fetches`` at a time),
+    all within one deadline (``images_timeout_s``; 400 ``image_url_fetch_failed``) and one
+    byte budget for the request (``max_image_bytes_per_request``; 413
+    ``images_too_large``), on top of each image's own limits. The first failure cancels
+    the other fetches.
+    """
+    import base64
+
+    from ..images import ByteBudget, decode_image, resolve_image
 
     limits = args.images
+    parts: list[ContentPart] = []
     for i, message in enumerate(req.messages):
         if not message.has_images():
             continue
         assert isinstance(message.content, list)
-        parts = [p for p in message.content if p.type == "image_url"]
-        if len(parts) > limits.max_images_per_message:
+        mine = [p for p in message.content if p.type == "image_url"]
+        if len(mine) > limits.max_images_per_message:
             raise ImageError(
-                f"message {i} has {len(parts)} images, over the limit of "
+                f"message {i} has {len(mine)} images, over the limit of "
                 f"{limits.max_images_per_message}",
                 param=f"messages.{i}.content",
+                code="too_many_images",
             )
-        for part in parts:
+        for part in mine:
             if part.image_url is None:
                 raise ImageError("an image_url part needs image_url.url", param=f"messages.{i}")
-            url = part.image_url.url
-            data = await resolve_image(None, url, limits)
-            await asyncio.to_thread(decode_image, data, limits.max_image_pixels, "image_url")
-            if not url.startswith("data:"):
-                import base64
+        parts.extend(mine)
+    if len(parts) > limits.max_images_per_request:
+        raise ImageError(
+            f"the request has {len(parts)} images, over the limit of "
+            f"{limits.max_images_per_request}",
+            param="messages",
+            code="too_many_images",
+        )
+    budget = ByteBudget(limits.max_image_bytes_per_request)
+    gate = asyncio.Semaphore(limits.max_concurrent_fetches)
 
-                part.image_url.url = (
-                    "data:application/octet-stream;base64," + base64.b64encode(data).decode()
-                )
+    async def resolve(part: ContentPart) -> None:
+        assert part.image_url is not None
+        url = part.image_url.url
+        async with gate:
+            data = await resolve_image(None, url, limits, budget)
+            await asyncio.to_thread(decode_image, data, limits.max_image_pixels, "image_url")
+        if not url.startswith("data:"):
+            part.image_url.url = (
+                "data:application/octet-stream;base64," + base64.b64encode(data).decode()
+            )
+
+    tasks = [asyncio.ensure_future(resolve(part)) for part in parts]
+    try:
+        done, pending = await asyncio.wait(
+            tasks, timeout=limits.images_timeout_s, return_when=asyncio.FIRST_EXCEPTION
+        )
+    finally:
+        for task in tasks:
+            task.cancel()  # no-op for finished ones; the rest are of no more use
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:  # the first failure, in the order of the images
+        if task in done and (error := task.exception()) is not None:
+            raise error
+    if pending:
+        raise ImageError(
+            f"fetching and checking the request's images took over {limits.images_timeout_s} s",
+            param="messages",
+            code="image_url_fetch_failed",
+        )

@@ -7,13 +7,13 @@ import pytest
 
 from serve_apps.engines.detection import (
     build_prompt,
-    check_category,
     detection_grammar,
     from_bin,
     parse_prediction,
     predictions_for_task,
     to_bin,
 )
+from serve_apps.vision_checks import check_category
 
 # Real Rex-Omni outputs, from the output cells of IDEA-Research/Rex-Omni's tutorials
 # (@478e44f): tutorials/detection_example/_full_notebook.ipynb (a 1440x810 cafe photo)

@@ -2,7 +2,9 @@
 (against a local HTTP server on the loopback interface)."""
 
 import asyncio
+import gzip
 import io
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -106,6 +108,15 @@ def test_the_pixel_limit_is_checked_before_the_pixels_are_decoded():
         ("fe80::1", False),
         ("fd00::1", False),
         ("::ffff:127.0.0.1", False),  # IPv4-mapped loopback
+        ("::ffff:8.8.8.8", True),  # IPv4-mapped: judged by the IPv4 address
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 of 169.254.169.254
+        ("64:ff9b::808:808", True),  # NAT64 of 8.8.8.8
+        ("64:ff9b:1::1", False),  # local-use NAT64
+        ("2002:a9fe:a9fe::1", False),  # 6to4 of 169.254.169.254
+        ("2002:808:808::1", False),  # 6to4 is refused whatever it embeds
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
+        ("::127.0.0.1", False),  # IPv4-compatible
+        ("fec0::1", False),  # site-local
     ],
 )
 def test_only_public_addresses_are_public(address, public):
@@ -119,11 +130,13 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         port = self.server.server_address[1]
         self.server.hosts.append(self.headers.get("Host"))
+        self.server.encodings.append(self.headers.get("Accept-Encoding"))
         routes = {
             "/img.png": lambda: self._send(PNG),
             "/big": lambda: self._send(b"x" * 5000),
             "/chunked": self._chunked,
             "/slow": self._slow,
+            "/gzip": self._gzip,
             "/redirect": lambda: self._redirect("/img.png"),
             "/loop": lambda: self._redirect("/loop"),
             "/to-file": lambda: self._redirect("file:///etc/passwd"),
@@ -151,6 +164,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"y" * 1000)
         self.close_connection = True
 
+    def _gzip(self):
+        body = gzip.compress(PNG)
+        self.send_response(200)
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def _slow(self):
         time.sleep(2)
         self._send(PNG)
@@ -166,6 +187,7 @@ class _Handler(BaseHTTPRequestHandler):
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.hosts = []
+    httpd.encodings = []
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -251,3 +273,80 @@ async def test_resolve_image_takes_exactly_one_source(server):
     with pytest.raises(ImageError):
         await resolve_image(None, None, LOCAL)
     await asyncio.sleep(0)
+
+
+def test_the_host_header_brackets_ipv6_literals():
+    assert images._host_header("example.com", None) == "example.com"
+    assert images._host_header("example.com", 8080) == "example.com:8080"
+    assert images._host_header("2606:4700::1", None) == "[2606:4700::1]"
+    assert images._host_header("2606:4700::1", 8443) == "[2606:4700::1]:8443"
+
+
+async def test_compressed_responses_are_refused_and_identity_is_asked_for(server):
+    with pytest.raises(ImageError) as info:
+        await fetch_image_url(url(server, "/gzip"), LOCAL)
+    assert info.value.code == "image_url_fetch_failed"
+    assert "Content-Encoding" in info.value.message
+    assert server.encodings[-1] == "identity"
+
+
+async def test_every_resolved_address_is_tried_in_turn(server, monkeypatch):
+    port = server.server_address[1]
+
+    async def two_addresses(host, port_):
+        # The first address takes no connection (nothing listens on 127.0.0.2).
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", port_)),
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port_)),
+        ]
+
+    monkeypatch.setattr(images, "_getaddrinfo", two_addresses)
+    assert await fetch_image_url(f"http://images.test:{port}/img.png", LOCAL) == PNG
+    assert server.hosts[-1] == f"images.test:{port}"
+
+
+async def test_a_request_byte_budget_covers_all_its_images(server):
+    budget = images.ByteBudget(len(PNG) * 2 - 1)
+    assert await resolve_image(b64(PNG), None, LOCAL, budget) == PNG
+    with pytest.raises(PayloadTooLargeError) as info:  # declared length over what is left
+        await resolve_image(None, url(server, "/img.png"), LOCAL, budget)
+    assert info.value.code == "images_too_large"
+    with pytest.raises(PayloadTooLargeError):
+        await resolve_image(None, png_data_url(PNG), LOCAL, budget)
+
+
+@pytest.mark.parametrize(
+    ("raised", "error", "code"),
+    [
+        (RuntimeError("a decoder bug"), ImageError, "invalid_image"),
+        (MemoryError(), PayloadTooLargeError, "image_too_large"),
+    ],
+)
+def test_whatever_a_decoder_raises_is_the_clients_error(monkeypatch, raised, error, code):
+    from PIL import Image as PILImage
+
+    def broken(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(PILImage, "open", broken)
+    with pytest.raises(error) as info:
+        decode_image(PNG)
+    assert info.value.code == code
+
+
+async def test_a_chat_requests_images_share_one_deadline(server):
+    from serve_apps.config import AppArgs
+    from serve_apps.schemas.openai import ChatCompletionRequest
+    from serve_apps.services.vision import resolve_chat_images
+
+    limits = LOCAL.model_dump() | {"image_url_timeout_s": 5.0, "images_timeout_s": 0.3}
+    args = AppArgs.model_validate({"images": limits})
+    part = {"type": "image_url", "image_url": {"url": url(server, "/slow")}}
+    req = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": [part, part]}]}
+    )
+    t0 = time.monotonic()
+    with pytest.raises(ImageError) as info:
+        await resolve_chat_images(req, args)
+    assert info.value.code == "image_url_fetch_failed"
+    assert time.monotonic() - t0 < 1.9  # the slow server (2 s) is cut off at the deadline

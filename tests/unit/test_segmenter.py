@@ -129,6 +129,19 @@ async def test_a_cancelled_request_does_not_fail_another_waiting_for_the_same_im
     assert len(out.results) == 1
 
 
+async def test_an_encoding_nobody_waits_for_any_more_is_dropped(segmenter):
+    image = scene_png(80, 60, seed=500)
+    request = asyncio.ensure_future(segmenter.segment(image, BOXES[:1]))
+    await asyncio.sleep(0)  # the encoding is started
+    assert len(segmenter._inflight) == 1
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert segmenter._inflight == {}  # its only waiter went: the encoding went too
+    out = await segmenter.segment(image, BOXES[:1])  # the same image encodes anew
+    assert len(out.results) == 1 and out.cache_hit is False
+
+
 def test_the_decoder_batch_follows_the_device(segmenter):
     assert segmenter.device.type == "cpu" and segmenter.decoder_batch_size == 1
 

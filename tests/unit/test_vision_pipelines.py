@@ -276,3 +276,66 @@ async def test_a_bad_request_is_refused_before_its_image_url_is_fetched(app):
     assert_envelope(await client.post("/v1/detect", json=body), 400, "invalid_category")
     body = {"image_url": "http://127.0.0.1:9/a.png", "categories": ["a"]}
     assert_envelope(await client.post("/v1/detect", json=body), 400, "image_url_not_allowed")
+
+
+async def test_segmentation_does_not_wait_for_a_head_start_it_no_longer_needs(app):
+    client, services = app
+    services["sam"].block_encode = True  # the head-start encode never finishes
+    services["detector"].wait_for = services["sam"].encode_started
+    body = {"image": b64(IMAGE), "categories": ["cat"]}
+    r = await asyncio.wait_for(client.post("/v1/segment", json=body), 10)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["sam_results"]) == 1
+    await asyncio.sleep(0.05)
+    assert services["sam"].encode_cancelled
+
+
+async def test_a_long_caption_is_refused_before_the_image_is_touched(app):
+    client, services = app
+    body = {"image_url": "http://127.0.0.1:9/a.png", "caption": "x" * 2001}
+    assert_envelope(await client.post("/v1/ground", json=body), 400, "caption_too_long")
+    assert not services["sam"].encode_started.is_set()
+
+
+def _chat(*images_per_message):
+    from serve_apps.schemas.openai import ChatCompletionRequest
+
+    return ChatCompletionRequest.model_validate(
+        {
+            "model": "fake-llm",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "what is this?"}]
+                    + [{"type": "image_url", "image_url": {"url": u}} for u in urls],
+                }
+                for urls in images_per_message
+            ],
+        }
+    )
+
+
+async def test_chat_images_are_counted_per_request_before_any_is_fetched():
+    from serve_apps.errors import ImageError
+    from serve_apps.services.vision import resolve_chat_images
+
+    args = AppArgs.model_validate({"images": {"max_images_per_request": 2}})
+    refused = "http://127.0.0.1:9/a.png"  # fetching it would be a different error
+    with pytest.raises(ImageError) as info:
+        await resolve_chat_images(_chat([refused], [refused], [refused]), args)
+    assert info.value.code == "too_many_images"
+    assert info.value.param == "messages"
+
+
+async def test_chat_images_share_one_byte_budget():
+    from serve_apps.errors import PayloadTooLargeError
+    from serve_apps.services.vision import resolve_chat_images
+
+    url = "data:image/png;base64," + b64(IMAGE)
+    budget = len(IMAGE) * 2 + 10
+    args = AppArgs.model_validate({"images": {"max_image_bytes_per_request": budget}})
+    req = _chat([url], [url])
+    await resolve_chat_images(req, args)  # two images fit
+    with pytest.raises(PayloadTooLargeError) as info:
+        await resolve_chat_images(_chat([url], [url], [url]), args)
+    assert info.value.code == "images_too_large"

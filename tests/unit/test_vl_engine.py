@@ -11,6 +11,7 @@ from PIL import Image
 
 from serve_apps.engines.base import Constraint, GenerationRequest, SamplingParams
 from serve_apps.engines.detection import build_prompt, detection_grammar, parse_prediction
+from serve_apps.errors import InvalidRequestError
 from tests.helpers import scene_png
 
 
@@ -124,3 +125,34 @@ async def test_detection_grammar_constrains_the_vision_model(smoke_vl_engine):
     if out.finish_reason == "stop":
         assert out.constraint_satisfied is True
         assert all(s["type"] == "box" for shapes in parsed.values() for s in shapes)
+
+
+@pytest.mark.parametrize(
+    "grids",
+    [
+        lambda thw: thw[:0],  # fewer grids than image token runs: StopIteration inside
+        lambda thw: None,  # no grids at all: TypeError inside
+    ],
+)
+async def test_image_tokens_the_rope_index_cannot_place_are_a_400(
+    smoke_vl_engine, monkeypatch, grids
+):
+    """transformers' own get_rope_index, given image inputs that do not match the ids,
+    fails; that is the request's fault (400), and the engine keeps serving."""
+    real = smoke_vl_engine._rope_index
+
+    def mismatched(input_ids, *, mm_token_type_ids, image_grid_thw):
+        return real(
+            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=grids(image_grid_thw)
+        )
+
+    monkeypatch.setattr(smoke_vl_engine, "_rope_index", mismatched)
+    with pytest.raises(InvalidRequestError) as info:
+        # (a StopIteration escaping the worker thread used to leave the request hanging)
+        await asyncio.wait_for(
+            smoke_vl_engine.generate_full(greedy(smoke_vl_engine, [IMAGES[0]], n=4)), 60
+        )
+    assert info.value.code == "invalid_image"
+    monkeypatch.undo()
+    out = await smoke_vl_engine.generate_full(greedy(smoke_vl_engine, [IMAGES[0]], n=4))
+    assert out.completion_tokens == 4 or out.finish_reason == "stop"
