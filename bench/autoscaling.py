@@ -86,6 +86,17 @@ def body(report: dict[str, Any], load: str) -> str:
         pool_rows,
     )
     scaling = ", ".join(f"{k} {v:g}" for k, v in settings["serve_autoscaling"].items())
+    early = [n for n, d in report["deployments"].items() if d.get("downscales_during_load")]
+    early_note = (
+        f"\n\nScale-downs during the load ({', '.join(early)}): Serve sizes a deployment by "
+        "the requests its replicas hold, and on this box part of the clients wait in the "
+        "proxy and the ingress instead; once the extra replicas serve, what reaches them no "
+        "longer needs all of them, and Serve removes one after `downscale_delay_s`. A "
+        "deployment already back at its minimum when the load ends has no time in the "
+        "'load end' columns (or 0-1 s)."
+        if early
+        else ""
+    )
     auto = settings["autoscaler"]
     return f"""
 Production graph shape (`cluster/serve-prod.yaml`: GPUs and accelerator types as fake
@@ -100,7 +111,7 @@ deployment that starts from 0 replicas it is its first response.
 
 {deployments}
 
-{pools}
+{pools}{early_note}
 
 Settings: Serve autoscaling ({scaling}); Ray autoscaler {auto["version"]},
 AUTOSCALER_UPDATE_INTERVAL_S {auto["AUTOSCALER_UPDATE_INTERVAL_S"]}, idle timeout

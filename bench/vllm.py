@@ -113,8 +113,9 @@ def _load_note(before: float) -> str:
         f"median {median(LOADS):.2f}, max {max(LOADS):.2f} ({os.cpu_count()} cores; the "
         "benchmark itself adds up to ~2: the vLLM worker and engine core, and this process)"
         + (
-            ". **Other work ran on the machine during the run: expect noise, and compare "
-            "rows of the same run.**"
+            ". **The load was above what the benchmark alone explains (other work, or the "
+            "decaying average of earlier work): expect noise, and compare rows of the same "
+            "run.**"
             if before > 1.0 or max(LOADS) > 3.0
             else ""
         )
