@@ -181,8 +181,8 @@ def bench_batching(rounds: int) -> None:
 
 def bench_overhead(requests: int) -> None:
     from serve_apps.config import ModelConfig
+    from serve_apps.replicas.llm import LLMServer
     from serve_apps.schemas.openai import ChatCompletionRequest
-    from serve_apps.servers.llm import LLMServer
 
     url = _start_serve(BENCH_ARGS)
 

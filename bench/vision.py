@@ -294,9 +294,9 @@ async def _sequential_vs_pipeline(requests: int) -> tuple[list[float], list[floa
     called one after another, on the same in-process servers, interleaved."""
     from serve_apps.config import AppArgs
     from serve_apps.handles import LocalHandle
+    from serve_apps.pipelines.vision import VisionPipelines
+    from serve_apps.replicas import create_servers
     from serve_apps.schemas.vision import DetectCall, GroundRequest
-    from serve_apps.servers import create_servers
-    from serve_apps.services.vision import VisionPipelines
     from tests.helpers import b64
 
     args = AppArgs.model_validate(BENCH_ARGS)

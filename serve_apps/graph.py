@@ -6,7 +6,7 @@ the Modal class name), the :class:`~serve_apps.config.AppArgs` field that config
 
 - ``serve_apps.ray_app`` binds one Ray Serve deployment per entry;
 - ``modal_adapter`` generates one Modal class per entry;
-- :func:`serve_apps.servers.create_servers` builds the whole graph in one process.
+- :func:`serve_apps.replicas.create_servers` builds the whole graph in one process.
 
 A service whose ``AppArgs`` field is null (e.g. ``sam: null``) is left out everywhere.
 Importing this module is cheap: server classes are imported when first asked for.
@@ -55,11 +55,11 @@ class DeploymentSpec:
 
 
 DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
-    DeploymentSpec("LLM", "llm", "serve_apps.servers.llm:LLMServer", cpus=0.5),
-    DeploymentSpec("Codegen", "codegen", "serve_apps.servers.llm:LLMServer", cpus=0.5),
-    DeploymentSpec("Detector", "detector", "serve_apps.servers.vision:DetectorServer", cpus=0.5),
-    DeploymentSpec("SAM", "sam", "serve_apps.servers.vision:SegmenterServer", cpus=0.5),
-    DeploymentSpec("Grounder", "grounder", "serve_apps.servers.vision:GrounderServer", cpus=0.1),
+    DeploymentSpec("LLM", "llm", "serve_apps.replicas.llm:LLMServer", cpus=0.5),
+    DeploymentSpec("Codegen", "codegen", "serve_apps.replicas.llm:LLMServer", cpus=0.5),
+    DeploymentSpec("Detector", "detector", "serve_apps.replicas.vision:DetectorServer", cpus=0.5),
+    DeploymentSpec("SAM", "sam", "serve_apps.replicas.vision:SegmenterServer", cpus=0.5),
+    DeploymentSpec("Grounder", "grounder", "serve_apps.replicas.vision:GrounderServer", cpus=0.1),
 )
 INGRESS_CPUS = 0.25
 

@@ -44,6 +44,7 @@ from .errors import (
     unwrap,
 )
 from .handles import Handle
+from .pipelines.vision import resolve_chat_images
 from .schemas.generate import GenerateRequest, GenerateResponse
 from .schemas.openai import (
     ChatCompletionRequest,
@@ -55,7 +56,6 @@ from .schemas.openai import (
     ModelList,
     SamplingFields,
 )
-from .services.vision import resolve_chat_images
 from .vision_routes import vision_router
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Checks of vision requests shared by the ingress pipelines and the vision services.
 
-The ingress (``services/vision.py``) runs them before it fetches or decodes an image, so a
+The ingress (``pipelines/vision.py``) runs them before it fetches or decodes an image, so a
 request that a service would refuse costs no download, no decoding and no model work; the
 services (``servers/vision.py``, ``engines/segmenter.py``) run the same functions on what
 reaches them through a handle. Neither side imports the other: this module imports only

@@ -2,7 +2,7 @@
 
 Mounted by :func:`serve_apps.ingress.create_app` when the services a route needs are
 configured (an unconfigured route is a 404 like any unknown route). The work is done by
-:class:`serve_apps.services.vision.VisionPipelines`; errors take the shared envelope
+:class:`serve_apps.pipelines.vision.VisionPipelines`; errors take the shared envelope
 through the app's exception handlers.
 """
 
@@ -14,6 +14,7 @@ from fastapi import APIRouter
 
 from .config import AppArgs
 from .handles import Handle
+from .pipelines.vision import VisionPipelines
 from .schemas.vision import (
     DetectRequest,
     DetectResponse,
@@ -22,7 +23,6 @@ from .schemas.vision import (
     SegmentRequest,
     SegmentResponse,
 )
-from .services.vision import VisionPipelines
 
 
 def vision_router(args: AppArgs, handles: Mapping[str, Handle]) -> APIRouter:

@@ -336,8 +336,8 @@ def test_whatever_a_decoder_raises_is_the_clients_error(monkeypatch, raised, err
 
 async def test_a_chat_requests_images_share_one_deadline(server):
     from serve_apps.config import AppArgs
+    from serve_apps.pipelines.vision import resolve_chat_images
     from serve_apps.schemas.openai import ChatCompletionRequest
-    from serve_apps.services.vision import resolve_chat_images
 
     limits = LOCAL.model_dump() | {"image_url_timeout_s": 5.0, "images_timeout_s": 0.3}
     args = AppArgs.model_validate({"images": limits})

@@ -21,12 +21,12 @@ def test_importing_the_package_and_its_light_modules_loads_no_heavy_dependency()
         "import json, sys\n"
         "import serve_apps, serve_apps.config, serve_apps.errors, serve_apps.handles\n"
         "import serve_apps.ingress, serve_apps.schemas.openai, serve_apps.schemas.generate\n"
-        "import serve_apps.engines, serve_apps.engines.base, serve_apps.servers.llm\n"
-        "import serve_apps.graph, serve_apps.servers\n"
+        "import serve_apps.engines, serve_apps.engines.base, serve_apps.replicas.llm\n"
+        "import serve_apps.graph, serve_apps.replicas\n"
         # Selecting the vLLM backend by name imports vLLM only when the engine starts.
         "import serve_apps.placement, serve_apps.engines.vllm_llm\n"
         "import serve_apps.images, serve_apps.schemas.vision, serve_apps.vision_routes\n"
-        "import serve_apps.services.vision, serve_apps.servers.vision\n"
+        "import serve_apps.pipelines.vision, serve_apps.replicas.vision\n"
         "import serve_apps.engines.detection, serve_apps.engines.batching\n"
         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
     )

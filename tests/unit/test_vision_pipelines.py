@@ -13,6 +13,7 @@ from serve_apps.config import AppArgs
 from serve_apps.errors import ContextLengthError
 from serve_apps.handles import LocalHandle
 from serve_apps.ingress import create_app
+from serve_apps.replicas.llm import LLMServer
 from serve_apps.schemas.vision import (
     DetectCall,
     DetectResult,
@@ -22,7 +23,6 @@ from serve_apps.schemas.vision import (
     SegmentResult,
     Shape,
 )
-from serve_apps.servers.llm import LLMServer
 from tests.fakes import FakeEngine
 from tests.helpers import assert_envelope, b64, scene_png
 
@@ -234,8 +234,8 @@ async def test_visualize_returns_a_png_of_the_image(app):
 
 
 async def test_the_client_going_away_cancels_the_head_start_encoding():
+    from serve_apps.pipelines.vision import VisionPipelines
     from serve_apps.schemas.vision import SegmentRequest
-    from serve_apps.services.vision import VisionPipelines
 
     _, services = make_app()
     services["sam"].block_encode = True
@@ -317,7 +317,7 @@ def _chat(*images_per_message):
 
 async def test_chat_images_are_counted_per_request_before_any_is_fetched():
     from serve_apps.errors import ImageError
-    from serve_apps.services.vision import resolve_chat_images
+    from serve_apps.pipelines.vision import resolve_chat_images
 
     args = AppArgs.model_validate({"images": {"max_images_per_request": 2}})
     refused = "http://127.0.0.1:9/a.png"  # fetching it would be a different error
@@ -329,7 +329,7 @@ async def test_chat_images_are_counted_per_request_before_any_is_fetched():
 
 async def test_chat_images_share_one_byte_budget():
     from serve_apps.errors import PayloadTooLargeError
-    from serve_apps.services.vision import resolve_chat_images
+    from serve_apps.pipelines.vision import resolve_chat_images
 
     url = "data:image/png;base64," + b64(IMAGE)
     budget = len(IMAGE) * 2 + 10
