@@ -292,10 +292,9 @@ async def _ground_load(url: str, concurrency: int, requests: int, seed: int) -> 
 async def _sequential_vs_pipeline(requests: int) -> tuple[list[float], list[float]]:
     """The ingress pipeline (SAM encodes while the detector runs) against the same stages
     called one after another, on the same in-process servers, interleaved."""
-    from serve_apps.config import AppArgs
     from serve_apps.handles import LocalHandle
     from serve_apps.pipelines.vision import VisionPipelines
-    from serve_apps.replicas import create_servers
+    from serve_apps.registry import AppArgs, AppContext, create_servers
     from serve_apps.schemas.vision import DetectCall, GroundRequest
     from tests.helpers import b64
 
@@ -304,7 +303,7 @@ async def _sequential_vs_pipeline(requests: int) -> tuple[list[float], list[floa
     for name in ("detector", "sam", "grounder"):
         await servers[name].start()
     handles = {k: LocalHandle(v) for k, v in servers.items()}
-    pipelines = VisionPipelines(args, handles)
+    pipelines = VisionPipelines(AppContext.from_handles(args, handles))
 
     async def sequential(image: bytes, caption: str) -> None:
         phrases = await handles["grounder"].call("phrases", caption)

@@ -31,7 +31,7 @@ from .pools import CLOUDS
 from .serve_config import load_yaml, resolve_deployments
 
 # Import paths whose `args:` have a typed model here: "module:builder" -> "module:Model".
-ARGS_MODELS = {"serve_apps.ray_app:build_app": "serve_apps.config:AppArgs"}
+ARGS_MODELS = {"serve_apps.ray_app:build_app": "serve_apps.registry:AppArgs"}
 
 # Keys Ray renamed or moved: (the model's name or "*", old key) -> what to write instead.
 KNOWN_RENAMES: dict[tuple[str, str], str] = {

@@ -20,39 +20,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from .findings import Finding, join_path
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that records duplicate mapping keys instead of keeping the last one."""
-
-    def __init__(self, stream: Any):
-        super().__init__(stream)
-        self.duplicates: list[tuple[str, int]] = []
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in seen:
-            loader.duplicates.append((str(key), key_node.start_mark.line + 1))
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
 def load_yaml(text: str) -> tuple[Any, list[Finding]]:
-    """Parse YAML; duplicate keys become error findings (with their line)."""
-    loader = _StrictLoader(text)
-    try:
-        data = loader.get_single_data()
-    finally:
-        loader.dispose()
+    """Parse YAML (:func:`serve_apps.config.parse_yaml`); duplicate keys become error
+    findings (with their line)."""
+    from serve_apps.config import parse_yaml
+
+    data, duplicates = parse_yaml(text)
     findings = [
         Finding(
             "error",
@@ -60,7 +36,7 @@ def load_yaml(text: str) -> tuple[Any, list[Finding]]:
             f"duplicate key {key!r}: YAML keeps only the last value",
             "remove one of them",
         )
-        for key, line in loader.duplicates
+        for key, line in duplicates
     ]
     return data, findings
 

@@ -114,15 +114,14 @@ def load_plans(
     (Serve's target is ceil(ongoing / target_ongoing_requests)), capped at max, times
     ``headroom``: on a CPU-starved box part of the clients' requests wait in the proxy and
     the ingress, so fewer are "ongoing" at the service's handle than clients are open."""
-    from serve_apps.config import AppArgs
-    from serve_apps.graph import SERVICE_DEPLOYMENTS
+    from serve_apps.registry import AppArgs, spec_for_key
 
     app = config["applications"][0]
     args = AppArgs.model_validate(app.get("args") or {})
     entries = {d["name"]: d for d in app.get("deployments") or []}
     plans = []
     for service, model_config in args.model_configs().items():
-        name = SERVICE_DEPLOYMENTS[service]
+        name = spec_for_key(service).name
         scaling = entries.get(name, {}).get("autoscaling_config") or {}
         lo, hi = int(scaling.get("min_replicas", 1)), int(scaling.get("max_replicas", 1))
         target = float(scaling.get("target_ongoing_requests", 2))

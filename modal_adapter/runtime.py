@@ -1,7 +1,7 @@
 """What runs inside the Modal classes: no model or pipeline logic, only hosting.
 
 - :class:`ServerHost` is the base of every generated deployment class: it builds the
-  deployment's server from ``serve_apps.graph`` and exposes two methods, ``call`` and
+  deployment's server from ``serve_apps.registry`` and exposes two methods, ``call`` and
   ``stream``, through which the ingress reaches any server method by name;
 - :class:`IngressHost` is the base of the ingress class: ``web`` returns the same FastAPI
   app as on Ray Serve (``serve_apps.ingress.create_app``) with a :class:`ModalHandle` per
@@ -51,7 +51,7 @@ class ServerHost:
                 ServerHost._starting.pop(key, None)
 
     async def _start(self) -> Any:
-        from serve_apps.graph import spec
+        from serve_apps.registry import spec
 
         server = spec(self.DEPLOYMENT).build(self.CONFIG)
         await server.start()
@@ -134,8 +134,8 @@ class IngressHost:
 
     @modal.asgi_app()
     def web(self) -> Any:
-        from serve_apps.config import AppArgs
         from serve_apps.ingress import create_app
+        from serve_apps.registry import AppArgs
 
         local = modal.is_local()
         handles = {

@@ -1,8 +1,10 @@
-"""Typed configuration: the ``args:`` of the Serve config, and the process environment.
+"""Typed configuration: the sections of the Serve config's ``args:``, and the environment.
 
-``AppArgs`` is what ``build_app(args)`` receives from ``config.yaml``; every model here
-forbids unknown keys so that a typo fails at ``serve run`` time instead of being ignored.
-``Settings`` is the only place the environment is read.
+Each service's config type is here (``ModelConfig``, ``SAMConfig``, ...); the registry
+(:mod:`serve_apps.registry`) puts them together into ``AppArgs``, what
+``build_app(args)`` receives from ``config.yaml``. Every model forbids unknown keys so
+that a typo fails at ``serve run`` time instead of being ignored. ``Settings`` is the only
+place the environment is read; :func:`load_serve_config` the only YAML reader.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .errors import ContextLengthError
 from .schemas.common import StrictModel
 
 # The embedded default is a model the project builds itself (random weights); see
@@ -82,7 +85,7 @@ class VLLMOptions(StrictModel):
 class ModelConfig(StrictModel):
     """One LLM-style model and the engine that serves it."""
 
-    backend: Literal["transformers", "vllm"] = "transformers"
+    backend: str = Field(default="transformers", description="engine backend: transformers or vllm")
     # "image-text": a vision-language model (AutoModelForImageTextToText + AutoProcessor)
     # that takes images in chat messages.
     modality: Literal["text", "image-text"] = "text"
@@ -107,8 +110,25 @@ class ModelConfig(StrictModel):
     image_min_pixels: int | None = Field(default=None, ge=1)
     image_max_pixels: int | None = Field(default=None, ge=1)
 
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        from .engines import BACKENDS
+
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; the backends are {sorted(BACKENDS)}")
+        return name
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
+        from .engines import BACKENDS
+
+        if BACKENDS[self.backend].engine_path(self.modality) is None:
+            serving = [n for n, b in BACKENDS.items() if b.engine_path(self.modality)]
+            raise ValueError(
+                f"backend {self.backend} serves no {self.modality} models here; "
+                f"use backend {' or '.join(serving)}"
+            )
         if self.vllm is not None and self.backend != "vllm":
             raise ValueError(f"`vllm:` options need `backend: vllm` (backend is {self.backend!r})")
         if self.backend == "vllm" and self.device not in ("auto", "cpu", "cuda"):
@@ -117,9 +137,6 @@ class ModelConfig(StrictModel):
                 f"backend vllm takes device auto, cuda or cpu, not {self.device!r}; "
                 "choose GPUs with tensor_parallel_size and the replica's resources"
             )
-        if self.backend == "vllm" and self.modality == "image-text":
-            # VLLMEngine passes token prompts only; image inputs are not wired to vLLM yet.
-            raise ValueError("backend vllm serves text models here; use backend transformers")
         given = self.image_min_pixels is not None or self.image_max_pixels is not None
         if given and self.modality != "image-text":
             raise ValueError("image_min_pixels / image_max_pixels need modality: image-text")
@@ -286,61 +303,53 @@ class Limits(StrictModel):
     max_tokens: int = Field(default=4096, ge=1, description="largest max_tokens a request may ask")
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
 
+    def check_max_tokens(self, requested: int | None) -> None:
+        """``ContextLengthError`` (400) when a request asks for more than ``max_tokens``."""
+        if requested is not None and requested > self.max_tokens:
+            raise ContextLengthError(
+                f"max_tokens {requested} is over this service's limit of {self.max_tokens}",
+                param="max_tokens",
+            )
 
-class AppArgs(StrictModel):
-    """``args:`` of the Serve application (``serve_apps.ray_app:build_app``)."""
 
-    llm: ModelConfig = ModelConfig(served_model_name="smoke-llm")
-    codegen: ModelConfig = ModelConfig(served_model_name="smoke-codegen")
-    limits: Limits = Limits()
-    # Vision services; null leaves a service (and the routes that need it) out.
-    detector: DetectorConfig | None = DetectorConfig()
-    sam: SAMConfig | None = SAMConfig()
-    grounder: GrounderConfig | None = GrounderConfig()
-    images: ImageLimits = ImageLimits()
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that records duplicate mapping keys instead of keeping the last one."""
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> AppArgs:
-        names = [cfg.served_model_name for cfg in self.model_configs().values()]
-        if len(set(names)) != len(names):
-            raise ValueError("llm, codegen and detector need different served_model_name values")
-        return self
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self.duplicates: list[tuple[str, int]] = []
 
-    def model_configs(self) -> dict[str, ModelConfig]:
-        """Service name -> model config, for every LLM-style service."""
-        configs: dict[str, ModelConfig] = {"llm": self.llm, "codegen": self.codegen}
-        if self.detector is not None:
-            configs["detector"] = self.detector
-        return configs
 
-    def services(self) -> list[str]:
-        """Every service (deployment) of the graph besides the ingress."""
-        return [
-            *self.model_configs(),
-            *(["sam"] if self.sam is not None else []),
-            *(["grounder"] if self.grounder is not None else []),
-        ]
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            loader.duplicates.append((str(key), key_node.start_mark.line + 1))
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str) -> tuple[Any, list[tuple[str, int]]]:
+    """Parse YAML, and every duplicate mapping key with its line: YAML keeps only the last
+    value of a repeated key, which is one more way a setting silently disappears."""
+    loader = _StrictLoader(text)
+    try:
+        data = loader.get_single_data()
+    finally:
+        loader.dispose()
+    return data, loader.duplicates
 
 
 def load_serve_config(path: str | Path) -> dict[str, Any]:
-    """Read a Serve config file (YAML) as a dict."""
-    with open(path) as f:
-        data = yaml.safe_load(f)
+    """Read a Serve config file (YAML) as a dict; a duplicate key is an error."""
+    data, duplicates = parse_yaml(Path(path).read_text())
+    if duplicates:
+        lines = ", ".join(f"{key!r} (line {line})" for key, line in duplicates)
+        raise ValueError(f"{path}: duplicate keys, YAML would keep only the last: {lines}")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a Serve config is a mapping, got {type(data).__name__}")
     return data
-
-
-def app_args_from_serve_config(config: dict[str, Any], app_name: str | None = None) -> AppArgs:
-    """The validated ``AppArgs`` of one application of a Serve config (the first by default)."""
-    apps = config.get("applications") or []
-    if not apps:
-        raise ValueError("the Serve config has no applications")
-    if app_name is None:
-        app = apps[0]
-    else:
-        matches = [a for a in apps if a.get("name") == app_name]
-        if not matches:
-            raise ValueError(f"no application named {app_name!r} in the Serve config")
-        app = matches[0]
-    return AppArgs.model_validate(app.get("args") or {})

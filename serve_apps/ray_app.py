@@ -4,7 +4,8 @@
 ``serveConfigV2``) and what the tests deploy. It validates ``args`` as :class:`AppArgs`
 (unknown keys fail here) and binds::
 
-One deployment per entry of :mod:`serve_apps.graph` (names, servers, default CPUs)::
+One deployment per entry of the registry (:mod:`serve_apps.registry`: names, servers,
+default CPUs) that the config turns on::
 
     Ingress ──> LLM       (LLMServer on the llm model)
             ├─> Codegen   (LLMServer on the codegen model)
@@ -27,20 +28,20 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator
+from functools import cache
 from typing import Any
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from .config import AppArgs, ModelConfig
+from .config import ModelConfig
 from .errors import OverloadedError, unwrap
-from .graph import DEPLOYMENTS, INGRESS, INGRESS_CPUS, SERVICE_DEPLOYMENTS, DeploymentSpec, enabled
 from .ingress import create_app
-from .placement import replica_placement
+from .registry import INGRESS, INGRESS_CPUS, AppArgs, ServiceSpec
+from .worker_bundles import replica_placement
 
-# Re-exported: the deployment names (serve_apps.graph is their home).
-__all__ = ["INGRESS", "SERVICE_DEPLOYMENTS", "RayHandle", "build_app"]
+__all__ = ["RayHandle", "build_app"]
 
 
 class RayHandle:
@@ -77,9 +78,9 @@ def _takes_placement_group(server_class: type) -> bool:
     return "placement_group" in inspect.signature(server_class).parameters
 
 
-def _replica_class(spec: DeploymentSpec) -> type:
-    """The Ray Serve replica class of one graph entry: its server, built and started."""
-    server_class = spec.server_class()
+def _replica_class(spec: ServiceSpec[Any, Any]) -> type:
+    """The Ray Serve replica class of one registry entry: its server, built and started."""
+    server_class = spec.server
 
     class Replica(server_class):  # type: ignore[misc, valid-type]
         async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
@@ -115,12 +116,13 @@ class _IngressReplica:
         return self._app
 
 
-# One Ray Serve deployment per graph entry; the Serve config's `deployments:` entries
-# (keyed by these names) override the default options given here.
-SERVICE_DEPLOYMENT_OBJECTS = {
-    spec.name: serve.deployment(ray_actor_options={"num_cpus": spec.cpus})(_replica_class(spec))
-    for spec in DEPLOYMENTS
-}
+@cache
+def deployment(spec: ServiceSpec[Any, Any]) -> serve.Deployment:
+    """The Ray Serve deployment of a registry entry. The Serve config's ``deployments:``
+    entry of the same name overrides the default options given here."""
+    return serve.deployment(ray_actor_options={"num_cpus": spec.cpus})(_replica_class(spec))
+
+
 IngressDeployment = serve.deployment(ray_actor_options={"num_cpus": INGRESS_CPUS})(
     serve.ingress()(_IngressReplica)
 )
@@ -130,13 +132,11 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The typed app builder: ``args`` (the Serve config's ``args:``) -> the bound graph."""
     parsed = AppArgs.model_validate(args or {})
     services = {}
-    for spec, config in enabled(parsed):
+    for spec, config in parsed.enabled():
         options: dict[str, Any] = {"name": spec.name}
         if isinstance(config, ModelConfig):
             options.update(replica_placement(config))
-        services[spec.service] = (
-            SERVICE_DEPLOYMENT_OBJECTS[spec.name]
-            .options(**options)
-            .bind(config.model_dump(mode="json"))
+        services[spec.key] = (
+            deployment(spec).options(**options).bind(config.model_dump(mode="json"))
         )
     return IngressDeployment.options(name=INGRESS).bind(parsed.model_dump(mode="json"), services)

@@ -1,18 +1,46 @@
 """Engines: model code behind small base classes. No ray or modal imports here.
 
-LLM engines are created by name from config (:func:`create_llm_engine`); each backend's
-module is imported only when selected, so a config that uses transformers never imports
-vLLM. The vision engines (:mod:`.segmenter`, :mod:`.grounder`) and Rex-Omni's format
-(:mod:`.detection`) are used by the vision servers directly.
+LLM engines are selected by name from config (``ModelConfig.backend``) in
+:data:`BACKENDS`; each backend's module is imported only when selected, so a config that
+uses transformers never imports vLLM. A new backend is a module with an
+:class:`~.base.LLMEngine` subclass (its ``from_config`` maps the model config onto its
+options) and one line here. The vision engines (:mod:`.segmenter`, :mod:`.grounder`) and
+Rex-Omni's format (:mod:`.detection`) are used by the vision servers directly.
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..config import ModelConfig, Settings
     from .base import LLMEngine
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An LLM engine backend: its engine class per modality ("module:Class"; None: the
+    backend does not serve that modality) and the pip extra it needs."""
+
+    text: str
+    image_text: str | None
+    extra: str
+
+    def engine_path(self, modality: str) -> str | None:
+        return self.text if modality == "text" else self.image_text
+
+
+BACKENDS: dict[str, Backend] = {
+    "transformers": Backend(
+        text="serve_apps.engines.transformers_llm:TransformersEngine",
+        image_text="serve_apps.engines.transformers_vl:TransformersVLEngine",
+        extra="llm",
+    ),
+    # vLLM's engine here passes token prompts only; images are not wired to it yet.
+    "vllm": Backend(text="serve_apps.engines.vllm_llm:VLLMEngine", image_text=None, extra="vllm"),
+}
 
 
 def resolve_model(config: ModelConfig, settings: Settings) -> str:
@@ -27,46 +55,16 @@ def resolve_model(config: ModelConfig, settings: Settings) -> str:
 
 
 def create_llm_engine(config: ModelConfig, model: str, *, placement_group: Any = None) -> LLMEngine:
-    """The engine named by ``config.backend`` for ``model`` (a resolved id or path).
+    """The engine ``config.backend`` names for ``model`` (a resolved id or path).
 
     ``placement_group`` is what a serving target reserved for the engine's workers (Ray
-    Serve's replica placement group, see :mod:`serve_apps.placement`); engines that spread
-    over several devices use it, the others ignore it.
+    Serve's replica placement group, see :mod:`serve_apps.worker_bundles`); engines that
+    spread over several devices use it, the others ignore it.
     """
-    common: dict[str, Any] = {
-        "revision": config.revision,
-        "max_batch_size": config.max_batch_size,
-        "max_queue": config.max_queue,
-        "max_model_len": config.max_model_len,
-        "dtype": config.dtype,
-        "device": config.device,
-        "trust_remote_code": config.trust_remote_code,
-    }
-    if config.backend == "transformers":
-        if config.modality == "image-text":
-            from .transformers_vl import TransformersVLEngine
-
-            return TransformersVLEngine(
-                model,
-                image_min_pixels=config.image_min_pixels,
-                image_max_pixels=config.image_max_pixels,
-                **common,
-            )
-        from .transformers_llm import TransformersEngine
-
-        return TransformersEngine(model, **common)
-    if config.backend == "vllm":
-        from .vllm_llm import VLLMEngine
-
-        opts = config.vllm_options
-        return VLLMEngine(
-            model,
-            **common,
-            tensor_parallel_size=opts.tensor_parallel_size,
-            gpu_memory_utilization=opts.gpu_memory_utilization,
-            kv_cache_memory_bytes=opts.kv_cache_memory_bytes,
-            quantization=opts.quantization,
-            enforce_eager=opts.enforce_eager,
-            placement_group=placement_group,
-        )
-    raise ValueError(f"unknown LLM backend {config.backend!r}")
+    path = BACKENDS[config.backend].engine_path(config.modality)
+    if path is None:  # ModelConfig refuses this when it is parsed
+        raise ValueError(f"backend {config.backend} serves no {config.modality} models")
+    module, _, name = path.partition(":")
+    engine_class = getattr(importlib.import_module(module), name)
+    engine: LLMEngine = engine_class.from_config(config, model, placement_group=placement_group)
+    return engine

@@ -35,9 +35,12 @@ import abc
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from ..errors import ContextLengthError
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 FinishReason = Literal["stop", "length"]
 ConstraintKind = Literal["json_schema", "regex", "grammar"]
@@ -118,6 +121,15 @@ class ModelInfo:
 class LLMEngine(abc.ABC):
     """Base class of every LLM engine; see the module docstring for the contract."""
 
+    @classmethod
+    def from_config(cls, config: ModelConfig, model: str, *, placement_group: Any = None) -> Self:
+        """The engine for a model config and its resolved ``model`` id or path.
+
+        Engines with options of their own override this; ``placement_group`` is what the
+        serving target reserved for an engine's workers (only vLLM uses it).
+        """
+        return cls(model, **common_options(config))  # type: ignore[call-arg]
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Load the model. Called once before any other method."""
@@ -173,6 +185,19 @@ class LLMEngine(abc.ABC):
 
     async def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Release resources (threads, GPU memory). Default: nothing to release."""
+
+
+def common_options(config: ModelConfig) -> dict[str, Any]:
+    """The engine options every backend takes from its model config."""
+    return {
+        "revision": config.revision,
+        "max_batch_size": config.max_batch_size,
+        "max_queue": config.max_queue,
+        "max_model_len": config.max_model_len,
+        "dtype": config.dtype,
+        "device": config.device,
+        "trust_remote_code": config.trust_remote_code,
+    }
 
 
 def check_context(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:

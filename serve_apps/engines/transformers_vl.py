@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from ..errors import InvalidRequestError
-from .base import GenerationRequest
+from .base import GenerationRequest, common_options
 from .transformers_llm import PromptInputs, TransformersEngine, _Sequence, _torch_dtype
 
 if TYPE_CHECKING:
     import torch
+
+    from ..config import ModelConfig
 
 
 class TransformersVLEngine(TransformersEngine):
@@ -52,6 +54,15 @@ class TransformersVLEngine(TransformersEngine):
         # The processor has its own tokenizer object, so preparing a request (in a worker
         # thread) never contends with detokenizing on the scheduler thread.
         self._proc_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, model: str, *, placement_group: Any = None) -> Self:
+        return cls(
+            model,
+            image_min_pixels=config.image_min_pixels,
+            image_max_pixels=config.image_max_pixels,
+            **common_options(config),
+        )
 
     def _load_model(self) -> Any:
         from transformers import AutoModelForImageTextToText, AutoProcessor

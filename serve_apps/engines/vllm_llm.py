@@ -32,7 +32,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from ..errors import (
     ConstraintError,
@@ -51,12 +51,15 @@ from .base import (
     LLMEngine,
     ModelInfo,
     check_context,
+    common_options,
     eos_token_ids,
 )
 from .constraints import JSON_DEFAULTS, ConstraintCompiler
 
 if TYPE_CHECKING:
     import llguidance
+
+    from ..config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +115,20 @@ def _satisfied(
 
 class VLLMEngine(LLMEngine):
     """A causal LM served by vLLM's ``AsyncLLM`` behind the engine contract."""
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, model: str, *, placement_group: Any = None) -> Self:
+        opts = config.vllm_options
+        return cls(
+            model,
+            **common_options(config),
+            tensor_parallel_size=opts.tensor_parallel_size,
+            gpu_memory_utilization=opts.gpu_memory_utilization,
+            kv_cache_memory_bytes=opts.kv_cache_memory_bytes,
+            quantization=opts.quantization,
+            enforce_eager=opts.enforce_eager,
+            placement_group=placement_group,
+        )
 
     def __init__(
         self,

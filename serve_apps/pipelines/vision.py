@@ -1,5 +1,5 @@
 """The vision pipelines, written once for every target. They run in the ingress and reach
-the detector, SAM and the grounder only through handles (:mod:`serve_apps.handles`).
+the detector, SAM and the grounder only through their typed clients (:mod:`serve_apps.clients`).
 
 - detect:  image -> Detector.detect
 - segment: image + boxes -> SAM.segment
@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..config import AppArgs
-from ..errors import ContextLengthError, ImageError, UnsupportedError
-from ..handles import Handle
+from ..clients import DetectorClient, SegmenterClient
+from ..config import ImageLimits
+from ..errors import ImageError
+from ..registry import DETECTOR, GROUNDER, SAM, AppContext
 from ..schemas.vision import (
     DetectCall,
     DetectRequest,
@@ -68,28 +69,21 @@ async def _timed(awaitable: Awaitable[T]) -> tuple[T, float]:
     return result, elapsed_ms(t0)
 
 
-async def _encode(sam: Handle, data: bytes) -> tuple[EncodeResult, float]:
-    # The handle call is made inside the task, so a task cancelled before it starts
-    # leaves no un-awaited coroutine behind.
-    result: EncodeResult
-    result, ms = await _timed(sam.call("encode", data))
-    return result, ms
+async def _encode(sam: SegmenterClient, data: bytes) -> tuple[EncodeResult, float]:
+    # The call is made inside the task, so a task cancelled before it starts leaves no
+    # un-awaited coroutine behind.
+    return await _timed(sam.encode(data))
 
 
 class VisionPipelines:
-    def __init__(self, args: AppArgs, handles: Mapping[str, Handle]):
-        self.args = args
-        self.handles = handles
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
+        self.args = ctx.args
 
     def _max_boxes(self) -> int:
-        assert self.args.sam is not None
-        return self.args.sam.max_boxes
-
-    def _handle(self, service: str, why: str) -> Handle:
-        handle = self.handles.get(service)
-        if handle is None:
-            raise UnsupportedError(f"{why} needs the {service} service, which is not configured")
-        return handle
+        sam = self.ctx.config(SAM)
+        assert sam is not None
+        return sam.max_boxes
 
     # ---------------------------------------------------------------- image
     async def load_image(
@@ -125,7 +119,7 @@ class VisionPipelines:
         from .visualize import Overlay
 
         t_start = time.perf_counter()
-        detector = self._handle("detector", "/v1/detect")
+        detector = self.ctx.require(DETECTOR, "/v1/detect")
         categories = self._check_detection(req.categories, req.max_tokens)
         timings: dict[str, float] = {}
         data, image = await self.load_image(req, timings)
@@ -159,43 +153,34 @@ class VisionPipelines:
 
     def _check_detection(self, categories: list[str], max_tokens: int | None) -> list[str]:
         """What the detector would refuse, refused before the image is fetched or decoded."""
-        detector_cfg = self.args.detector
+        detector_cfg = self.ctx.config(DETECTOR)
         assert detector_cfg is not None
-        self._check_max_tokens(max_tokens)
+        self.args.limits.check_max_tokens(max_tokens)
         return validate_categories(categories, detector_cfg.max_categories)
-
-    def _check_max_tokens(self, max_tokens: int | None) -> None:
-        if max_tokens is not None and max_tokens > self.args.limits.max_tokens:
-            raise ContextLengthError(
-                f"max_tokens {max_tokens} is over this service's limit of "
-                f"{self.args.limits.max_tokens}",
-                param="max_tokens",
-            )
 
     async def _detect(
         self,
-        detector: Handle,
+        detector: DetectorClient,
         data: bytes,
         categories: list[str],
         task: Any,
         max_tokens: int | None,
     ) -> DetectResult:
         call = DetectCall(image=data, categories=categories, task=task, max_tokens=max_tokens)
-        result: DetectResult = await detector.call("detect", call)
-        return result
+        return await detector.detect(call)
 
     # -------------------------------------------------------------- segment
     async def segment(self, req: SegmentRequest) -> SegmentResponse:
         from .visualize import Overlay
 
         t_start = time.perf_counter()
-        sam = self._handle("sam", "/v1/segment")
+        sam = self.ctx.require(SAM, "/v1/segment")
         max_boxes = self._max_boxes()
         if req.boxes is not None:
             check_box_count(len(req.boxes), max_boxes)  # before the image is fetched
         categories: list[str] = []
         if req.categories is not None:
-            self._handle("detector", "/v1/segment with categories")
+            self.ctx.require(DETECTOR, "/v1/segment with categories")
             categories = self._check_detection(req.categories, req.max_tokens)
         timings: dict[str, float] = {}
         data, image = await self.load_image(req, timings)
@@ -208,7 +193,7 @@ class VisionPipelines:
                 labelled = [(None, list(b)) for b in req.boxes]
             else:
                 assert req.categories is not None
-                detector = self._handle("detector", "/v1/segment with categories")
+                detector = self.ctx.require(DETECTOR, "/v1/segment with categories")
                 # SAM's image encoder runs while the detector works.
                 encode = asyncio.ensure_future(_encode(sam, data))
                 result, timings["detect"] = await _timed(
@@ -253,7 +238,7 @@ class VisionPipelines:
 
     async def _masks(
         self,
-        sam: Handle,
+        sam: SegmenterClient,
         data: bytes,
         boxes: list[list[float]],
         encode: asyncio.Task[tuple[EncodeResult, float]] | None,
@@ -263,7 +248,7 @@ class VisionPipelines:
         if not boxes:
             return [], None  # nothing to segment: the head-start encoding is abandoned
         seg: SegmentResult
-        seg, timings["segment"] = await _timed(sam.call("segment", data, boxes))
+        seg, timings["segment"] = await _timed(sam.segment(data, boxes))
         encode_ms = seg.timings_ms.get("encode", 0.0)
         if encode is not None:
             if encode.done() and not encode.cancelled() and encode.exception() is None:
@@ -284,22 +269,21 @@ class VisionPipelines:
         from .visualize import Overlay
 
         t_start = time.perf_counter()
-        grounder = self._handle("grounder", "/v1/ground")
-        detector = self._handle("detector", "/v1/ground")
-        sam = self._handle("sam", "/v1/ground")
-        self._check_max_tokens(req.max_tokens)
-        assert self.args.grounder is not None
+        grounder = self.ctx.require(GROUNDER, "/v1/ground")
+        detector = self.ctx.require(DETECTOR, "/v1/ground")
+        sam = self.ctx.require(SAM, "/v1/ground")
+        self.args.limits.check_max_tokens(req.max_tokens)
+        grounder_cfg, detector_cfg = self.ctx.config(GROUNDER), self.ctx.config(DETECTOR)
+        assert grounder_cfg is not None and detector_cfg is not None
         # Before the image is fetched or decoded and SAM starts encoding it.
-        check_caption(req.caption, self.args.grounder.max_caption_chars)
+        check_caption(req.caption, grounder_cfg.max_caption_chars)
         timings: dict[str, float] = {}
         data, image = await self.load_image(req, timings)
         notes: list[str] = []
         encode = asyncio.ensure_future(_encode(sam, data))
         try:
             found: list[PhraseResult]
-            found, timings["phrases"] = await _timed(grounder.call("phrases", req.caption))
-            detector_cfg = self.args.detector
-            assert detector_cfg is not None
+            found, timings["phrases"] = await _timed(grounder.phrases(req.caption))
             # Phrases the detector format cannot carry (a "<" or ","), and any beyond the
             # detector's category limit, are left out of detection (and reported empty).
             usable = [p for p in found if check_category(p.text) is None]
@@ -366,7 +350,7 @@ class VisionPipelines:
         )
 
 
-async def resolve_chat_images(req: ChatCompletionRequest, args: AppArgs) -> None:
+async def resolve_chat_images(req: ChatCompletionRequest, limits: ImageLimits) -> None:
     """Fetch and check every image of a chat request, in place: afterwards each image part
     is a ``data:`` URL within the limits, which is all a model server accepts.
 
@@ -382,7 +366,6 @@ async def resolve_chat_images(req: ChatCompletionRequest, args: AppArgs) -> None
 
     from ..images import ByteBudget, decode_image, resolve_image
 
-    limits = args.images
     parts: list[ContentPart] = []
     for i, message in enumerate(req.messages):
         if not message.has_images():

@@ -1,23 +1,23 @@
-"""Servers: what one deployment runs, on any target (Ray Serve, Modal, in-process).
+"""Replicas: what one deployment of the graph runs, on any target (Ray Serve, Modal, in-process).
 
-A server owns one engine and speaks the wire schemas; the target adapters (``ray_app``,
-``modal_adapter``) only wrap it. Methods that stream are async generators.
+A server owns its engine and speaks the wire schemas (:mod:`serve_apps.schemas`); the target
+adapters (``ray_app``, ``modal_adapter``) only host it, and the ingress reaches it through a
+typed client (:mod:`serve_apps.clients`). Methods that stream are async generators. Which
+server runs in which deployment is the registry's business (:mod:`serve_apps.registry`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Protocol
 
-if TYPE_CHECKING:
-    from ..config import AppArgs, Settings
+from pydantic import BaseModel
 
 
-def create_servers(args: AppArgs, settings: Settings | None = None) -> dict[str, Any]:
-    """Service name -> a (not yet started) server for every service of ``args``.
+class Server(Protocol):
+    """What every deployment runs: built from its config, started once, then served."""
 
-    What runs the whole graph in one process: wrap each in a ``LocalHandle`` and hand them
-    to ``create_app``. Every server has ``start()``, ``health()`` and ``shutdown()``.
-    """
-    from ..graph import enabled
+    config_type: ClassVar[type[BaseModel]]
 
-    return {spec.service: spec.build(config, settings=settings) for spec, config in enabled(args)}
+    async def start(self) -> None: ...
+    async def health(self) -> Any: ...
+    async def shutdown(self) -> None: ...

@@ -14,7 +14,7 @@ from cluster.findings import errors
 from cluster.lint import lint_config
 from cluster.render import render_rayservice
 from cluster.simulate import FAST_AUTOSCALING, load_plans, simulation_config
-from serve_apps.config import AppArgs
+from serve_apps.registry import AppArgs
 
 # Keys the v1 autoscaler cannot start without (it merges no defaults on this path).
 REQUIRED = {

@@ -24,10 +24,9 @@ PARAMS = [pytest.param(t, marks=pytest.mark.vllm) if "vllm" in t else t for t in
 
 
 async def _inprocess_app(raw_args):
-    from serve_apps.config import AppArgs
     from serve_apps.handles import LocalHandle
     from serve_apps.ingress import create_app
-    from serve_apps.replicas import create_servers
+    from serve_apps.registry import AppArgs, create_servers
 
     args = AppArgs.model_validate(raw_args)
     servers = create_servers(args)

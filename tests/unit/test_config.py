@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from serve_apps.config import AppArgs, app_args_from_serve_config, load_serve_config
+from serve_apps.config import load_serve_config
+from serve_apps.registry import AppArgs, app_args_from_serve_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -46,9 +47,9 @@ def test_config_yaml_is_a_valid_serve_config_with_valid_args():
     args = app_args_from_serve_config(raw)
     assert args.llm.is_smoke
     # Every deployment named in the config exists in the graph build_app binds.
-    from serve_apps.graph import INGRESS, SERVICE_DEPLOYMENTS
+    from serve_apps.registry import INGRESS, SERVICES
 
-    assert {d.name for d in app.deployments} == {INGRESS, *SERVICE_DEPLOYMENTS.values()}
+    assert {d.name for d in app.deployments} == {INGRESS, *(s.name for s in SERVICES)}
     for d in app.deployments:
         # On a 2-core machine every replica must ask for a fraction of a CPU.
         assert 0 < d.ray_actor_options.num_cpus < 1

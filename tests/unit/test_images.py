@@ -335,8 +335,8 @@ def test_whatever_a_decoder_raises_is_the_clients_error(monkeypatch, raised, err
 
 
 async def test_a_chat_requests_images_share_one_deadline(server):
-    from serve_apps.config import AppArgs
     from serve_apps.pipelines.vision import resolve_chat_images
+    from serve_apps.registry import AppArgs
     from serve_apps.schemas.openai import ChatCompletionRequest
 
     limits = LOCAL.model_dump() | {"image_url_timeout_s": 5.0, "images_timeout_s": 0.3}
@@ -347,6 +347,6 @@ async def test_a_chat_requests_images_share_one_deadline(server):
     )
     t0 = time.monotonic()
     with pytest.raises(ImageError) as info:
-        await resolve_chat_images(req, args)
+        await resolve_chat_images(req, args.images)
     assert info.value.code == "image_url_fetch_failed"
     assert time.monotonic() - t0 < 1.9  # the slow server (2 s) is cut off at the deadline

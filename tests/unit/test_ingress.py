@@ -3,11 +3,11 @@
 import httpx
 import pytest
 
-from serve_apps.config import AppArgs
 from serve_apps.engines.base import GenerationOutput
 from serve_apps.errors import EngineError
 from serve_apps.handles import LocalHandle
 from serve_apps.ingress import create_app
+from serve_apps.registry import AppArgs
 from serve_apps.replicas.llm import LLMServer
 from tests.fakes import FakeEngine
 from tests.helpers import assert_envelope, sse_events

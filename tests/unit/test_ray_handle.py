@@ -78,9 +78,9 @@ async def test_the_replicas_own_error_arrives_unwrapped_and_streams_are_cancelle
 
 
 def test_only_servers_with_engine_workers_take_a_placement_group():
-    from serve_apps.graph import DEPLOYMENTS
+    from serve_apps.registry import SERVICES
 
-    takes = {d.name: _takes_placement_group(d.server_class()) for d in DEPLOYMENTS}
+    takes = {s.name: _takes_placement_group(s.server) for s in SERVICES}
     # The text model servers (vLLM workers); the others run in the replica process alone.
     assert takes == {
         "LLM": True,

@@ -9,10 +9,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from serve_apps.config import AppArgs
 from serve_apps.errors import ContextLengthError
 from serve_apps.handles import LocalHandle
 from serve_apps.ingress import create_app
+from serve_apps.registry import AppArgs, AppContext
 from serve_apps.replicas.llm import LLMServer
 from serve_apps.schemas.vision import (
     DetectCall,
@@ -241,7 +241,8 @@ async def test_the_client_going_away_cancels_the_head_start_encoding():
     services["sam"].block_encode = True
     services["detector"].wait_for = asyncio.Event()  # never set: detection hangs
     args = AppArgs.model_validate({"detector": {"served_model_name": "fake-detector"}})
-    pipelines = VisionPipelines(args, {k: LocalHandle(v) for k, v in services.items()})
+    handles = {k: LocalHandle(v) for k, v in services.items()}
+    pipelines = VisionPipelines(AppContext.from_handles(args, handles))
     task = asyncio.ensure_future(
         pipelines.segment(SegmentRequest(image=b64(IMAGE), categories=["cat"]))
     )
@@ -322,7 +323,7 @@ async def test_chat_images_are_counted_per_request_before_any_is_fetched():
     args = AppArgs.model_validate({"images": {"max_images_per_request": 2}})
     refused = "http://127.0.0.1:9/a.png"  # fetching it would be a different error
     with pytest.raises(ImageError) as info:
-        await resolve_chat_images(_chat([refused], [refused], [refused]), args)
+        await resolve_chat_images(_chat([refused], [refused], [refused]), args.images)
     assert info.value.code == "too_many_images"
     assert info.value.param == "messages"
 
@@ -335,7 +336,7 @@ async def test_chat_images_share_one_byte_budget():
     budget = len(IMAGE) * 2 + 10
     args = AppArgs.model_validate({"images": {"max_image_bytes_per_request": budget}})
     req = _chat([url], [url])
-    await resolve_chat_images(req, args)  # two images fit
+    await resolve_chat_images(req, args.images)  # two images fit
     with pytest.raises(PayloadTooLargeError) as info:
-        await resolve_chat_images(_chat([url], [url], [url]), args)
+        await resolve_chat_images(_chat([url], [url], [url]), args.images)
     assert info.value.code == "images_too_large"

@@ -1,9 +1,9 @@
-"""What a replica reserves for its engine's workers (serve_apps.placement, ray_app)."""
+"""What a replica reserves for its engine's workers (serve_apps.worker_bundles, ray_app)."""
 
 import pytest
 
 from serve_apps.config import ModelConfig
-from serve_apps.placement import replica_placement
+from serve_apps.worker_bundles import replica_placement
 
 
 def config(**kw):

@@ -1,0 +1,105 @@
+"""Typed clients over the handle seam: how the ingress calls the servers of the graph.
+
+A :class:`~serve_apps.handles.Handle` carries a call by method name, because that is what a
+Ray ``DeploymentHandle`` or a Modal class takes. Nothing above the seam uses names:
+routers and pipelines hold one client per service and call its methods, e.g.
+``await sam.segment(image, boxes)``.
+
+Each client method names the server method it calls (``SegmenterServer.segment``), so
+mypy checks the call against the server: a renamed server method, a reordered argument or
+a changed result type is a type error here, not an ``AttributeError`` on a replica.
+Importing the server classes is cheap (their engines are imported when they start).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from .handles import Handle
+from .replicas import Server
+from .replicas.llm import LLMServer
+from .replicas.vision import DetectorServer, GrounderServer, SegmenterServer
+from .schemas.generate import GenerateRequest, GenerateResponse
+from .schemas.openai import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+)
+from .schemas.vision import DetectCall, DetectResult, EncodeResult, PhraseResult, SegmentResult
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Client:
+    """Base of the typed clients: a handle, and calls checked against a server's methods."""
+
+    def __init__(self, handle: Handle) -> None:
+        self.handle = handle
+
+    async def _call(
+        self,
+        method: Callable[Concatenate[Any, P], Awaitable[R]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> R:
+        result: R = await self.handle.call(method.__name__, *args, **kwargs)
+        return result
+
+    def _stream(
+        self,
+        method: Callable[Concatenate[Any, P], AsyncIterator[R]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> AsyncIterator[R]:
+        return self.handle.stream(method.__name__, *args, **kwargs)
+
+    async def health(self) -> Any:
+        """The server's health check; raises when it is not ready."""
+        return await self._call(Server.health)
+
+
+class LLMClient(Client):
+    """An LLM-style service (llm, codegen; the detector is one too)."""
+
+    async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        return await self._call(LLMServer.chat, req)
+
+    def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
+        return self._stream(LLMServer.chat_stream, req)
+
+    async def completion(self, req: CompletionRequest) -> CompletionResponse:
+        return await self._call(LLMServer.completion, req)
+
+    def completion_stream(self, req: CompletionRequest) -> AsyncIterator[CompletionResponse]:
+        return self._stream(LLMServer.completion_stream, req)
+
+    async def generate(self, req: GenerateRequest) -> GenerateResponse:
+        return await self._call(LLMServer.generate, req)
+
+
+class DetectorClient(LLMClient):
+    """The detector: an LLM service whose model sees images, plus Rex-Omni detection."""
+
+    async def detect(self, call: DetectCall) -> DetectResult:
+        return await self._call(DetectorServer.detect, call)
+
+
+class SegmenterClient(Client):
+    """SAM: image encodings (cached by the server) and masks for boxes."""
+
+    async def encode(self, image: bytes) -> EncodeResult:
+        return await self._call(SegmenterServer.encode, image)
+
+    async def segment(self, image: bytes, boxes: list[list[float]]) -> SegmentResult:
+        return await self._call(SegmenterServer.segment, image, boxes)
+
+
+class GrounderClient(Client):
+    """The grounder: a caption's noun phrases."""
+
+    async def phrases(self, caption: str) -> list[PhraseResult]:
+        return await self._call(GrounderServer.phrases, caption)

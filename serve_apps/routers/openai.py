@@ -1,0 +1,85 @@
+"""The OpenAI-compatible API: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
+
+Requests are routed by their ``model`` field (a service's ``served_model_name``). Chat
+messages with images go only to image-text models; the ingress fetches and checks every
+image first (:func:`serve_apps.pipelines.vision.resolve_chat_images`), so a model server
+only ever sees ``data:`` URLs within the limits.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter
+
+from ..errors import UnsupportedError
+from ..pipelines.vision import resolve_chat_images
+from ..registry import LLM, AppContext
+from ..schemas.openai import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from .streaming import sse_response
+
+
+def list_models(ctx: AppContext, created: int) -> ModelList:
+    """One card per LLM-style service: its name, service, and what model it is."""
+    specs = {s.key: s for s, _ in ctx.args.enabled()}
+    return ModelList(
+        data=[
+            ModelCard(
+                id=cfg.served_model_name,
+                created=created,
+                service=key,
+                smoke=cfg.is_smoke,
+                description=f"{specs[key].description}; "
+                + (cfg.smoke_description if cfg.is_smoke else f"model {cfg.model}"),
+            )
+            for key, cfg in ctx.args.model_configs().items()
+        ]
+    )
+
+
+async def chat_completions(ctx: AppContext, req: ChatCompletionRequest) -> Any:
+    ctx.args.limits.check_max_tokens(req.requested_max_tokens())
+    key, client = ctx.model_client(req.model, LLM)
+    if any(m.has_images() for m in req.messages):
+        if ctx.args.model_configs()[key].modality != "image-text":
+            raise UnsupportedError(f"model {req.model} does not take images", param="messages")
+        # Fetch image URLs and enforce the image limits here, before any model server.
+        await resolve_chat_images(req, ctx.args.images)
+    if req.stream:
+        return await sse_response(client.chat_stream(req))
+    return await client.chat(req)
+
+
+async def completions(ctx: AppContext, req: CompletionRequest) -> Any:
+    ctx.args.limits.check_max_tokens(req.requested_max_tokens())
+    _, client = ctx.model_client(req.model, LLM)
+    if req.stream:
+        return await sse_response(client.completion_stream(req))
+    return await client.completion(req)
+
+
+def router(ctx: AppContext) -> APIRouter:
+    api = APIRouter(tags=["openai"])
+    created = int(time.time())
+
+    @api.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        return list_models(ctx, created)
+
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat(req: ChatCompletionRequest) -> Any:
+        return await chat_completions(ctx, req)
+
+    @api.post("/v1/completions", response_model=CompletionResponse)
+    async def completion(req: CompletionRequest) -> Any:
+        return await completions(ctx, req)
+
+    return api
