@@ -128,6 +128,18 @@ class ConstraintCompiler:
         return matcher
 
 
+def constraint_satisfied(matcher: llguidance.LLMatcher, stopped_by_string: bool) -> bool:
+    """The verdict every engine gives on a finished constrained request.
+
+    A stop string that cut the text where the grammar had not ended: not satisfied (we
+    cannot vouch for a cut text). Otherwise: whether the grammar accepts the text (always
+    true when it completed or EOS was sampled, possibly false when ``max_tokens`` cut it).
+    """
+    if stopped_by_string and not matcher.is_stopped():
+        return False
+    return bool(matcher.is_accepting())
+
+
 class BatchMasker:
     """Applies the grammar masks of the constrained rows of a batch to its logits."""
 

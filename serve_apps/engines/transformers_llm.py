@@ -32,26 +32,18 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
-from ..errors import (
-    EngineError,
-    InvalidRequestError,
-    OverloadedError,
-    ServeAppError,
-    UnsupportedError,
-)
+from ..errors import EngineError, OverloadedError, ServeAppError
 from .base import (
-    Constraint,
     FinishReason,
     GenerationOutput,
     GenerationRequest,
-    LLMEngine,
     ModelInfo,
-    check_context,
     eos_token_ids,
 )
-from .constraints import BatchMasker, ConstraintCompiler
+from .constraints import BatchMasker, ConstraintCompiler, constraint_satisfied
+from .tokenized import TokenizedEngine
 
 if TYPE_CHECKING:
     import llguidance
@@ -145,10 +137,8 @@ def _torch_dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-class TransformersEngine(LLMEngine):
+class TransformersEngine(TokenizedEngine):
     """A causal LM from ``from_pretrained(path_or_id)`` behind the engine contract."""
-
-    supports_images: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -162,6 +152,7 @@ class TransformersEngine(LLMEngine):
         device: str = "auto",
         trust_remote_code: bool = False,
     ):
+        super().__init__()
         self.model_name_or_path = model
         self.revision = revision
         self.max_batch_size = max_batch_size
@@ -172,7 +163,6 @@ class TransformersEngine(LLMEngine):
         self._trust_remote_code = trust_remote_code
         self.counters = EngineStats()
         self._waiting: queue.Queue[Any] = queue.Queue()
-        self._tok_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._info: ModelInfo | None = None
         self._dead: BaseException | None = None  # set when the scheduler thread has ended
@@ -294,27 +284,9 @@ class TransformersEngine(LLMEngine):
             raise EngineError(f"{self.model_name_or_path}: {self._dead}")
         return self._info
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-        with self._tok_lock:
-            return str(
-                self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
-            )
-
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        with self._tok_lock:
-            return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
-
     def _decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         with self._tok_lock:
             return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
-
-    def count_tokens(self, text: str) -> int:
-        return len(self._encode(text, add_special_tokens=False))
-
-    async def validate_constraint(self, constraint: Constraint) -> None:
-        await asyncio.to_thread(self.compiler.matcher, constraint)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         seq = await self._prepare(request)
@@ -339,19 +311,10 @@ class TransformersEngine(LLMEngine):
         """Everything that can reject a request, done before it is queued."""
         import torch
 
-        if request.images and not self.supports_images:
-            raise UnsupportedError(
-                f"{self.model_name_or_path} is a text-only model; send no images"
-            )
-        info = self.info()
+        self._check_images(request)
         inputs = await self._prompt_inputs(request)
         prompt_ids = inputs.ids
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
-        check_context(len(prompt_ids), request.sampling.max_tokens, info.max_model_len)
-        matcher = None
-        if request.constraint is not None:
-            matcher = await asyncio.to_thread(self.compiler.matcher, request.constraint)
+        matcher = await self._check_prompt(request, prompt_ids)
         generator = None
         if request.sampling.temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -625,9 +588,8 @@ class TransformersEngine(LLMEngine):
         if finish is None and len(s.generated) >= sp.max_tokens:
             finish = "length"
         if s.matcher is not None and finish is not None:
-            # A stop string cut the text somewhere the grammar did not end: we cannot vouch.
-            cut_by_stop = finish == "stop" and not is_eos and not s.matcher.is_stopped()
-            satisfied = False if cut_by_stop else s.matcher.is_accepting()
+            by_string = finish == "stop" and not is_eos and not s.matcher.is_stopped()
+            satisfied = constraint_satisfied(s.matcher, stopped_by_string=by_string)
         if finish is not None:
             s.done = True
             hold = 0

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Self
 
@@ -41,20 +40,18 @@ from ..errors import (
     InvalidRequestError,
     OverloadedError,
     ServeAppError,
-    UnsupportedError,
 )
 from .base import (
     Constraint,
     FinishReason,
     GenerationOutput,
     GenerationRequest,
-    LLMEngine,
     ModelInfo,
-    check_context,
     common_options,
     eos_token_ids,
 )
-from .constraints import JSON_DEFAULTS, ConstraintCompiler
+from .constraints import JSON_DEFAULTS, ConstraintCompiler, constraint_satisfied
+from .tokenized import TokenizedEngine
 
 if TYPE_CHECKING:
     import llguidance
@@ -105,15 +102,10 @@ def _satisfied(
         if not matcher.consume_token(token):
             logger.error("generated token %d rejected on replay: %s", token, matcher.get_error())
             return False, False
-    complete = matcher.is_stopped()
-    # A stop string cut the text somewhere the grammar did not end: we cannot vouch
-    # (the same rule as the transformers engine).
-    if stopped_by_string and not complete:
-        return False, False
-    return bool(matcher.is_accepting()), complete
+    return constraint_satisfied(matcher, stopped_by_string), matcher.is_stopped()
 
 
-class VLLMEngine(LLMEngine):
+class VLLMEngine(TokenizedEngine):
     """A causal LM served by vLLM's ``AsyncLLM`` behind the engine contract."""
 
     @classmethod
@@ -148,6 +140,7 @@ class VLLMEngine(LLMEngine):
         enforce_eager: bool = False,
         placement_group: Any = None,
     ):
+        super().__init__()
         self.model_name_or_path = model
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -185,7 +178,6 @@ class VLLMEngine(LLMEngine):
         self.engine_args = engine_kwargs
         self._llm: Any = None
         self._info: ModelInfo | None = None
-        self._tok_lock = threading.Lock()
         self._inflight = 0
         self.tokens_generated = 0
 
@@ -271,24 +263,6 @@ class VLLMEngine(LLMEngine):
             # The engine-core process died (e.g. OOM-killed); health checks see it here.
             raise EngineError("the vLLM engine core is dead")
         return self._info
-
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        with self._tok_lock:
-            return str(
-                self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
-            )
-
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        with self._tok_lock:
-            return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self._encode(text, add_special_tokens=False))
-
-    async def validate_constraint(self, constraint: Constraint) -> None:
-        await asyncio.to_thread(self.compiler.matcher, constraint)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         from vllm.exceptions import VLLMClientError
@@ -382,24 +356,16 @@ class VLLMEngine(LLMEngine):
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
-        if request.images:
-            raise UnsupportedError(
-                f"{self.model_name_or_path} is a text-only model; send no images"
-            )
-        info = self.info()
+        self._check_images(request)
         prompt_ids = await asyncio.to_thread(
             self._encode, request.prompt, add_special_tokens=request.add_special_tokens
         )
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
+        # The same checks as the transformers backend (vLLM itself would take a max_tokens
+        # beyond the context and stop early), and our compile of the constraint: the same
+        # errors and messages, and the matcher that replays the output for
+        # constraint_satisfied.
+        matcher = await self._check_prompt(request, prompt_ids)
         sp = request.sampling
-        # vLLM itself would accept a max_tokens beyond the context and stop early.
-        check_context(len(prompt_ids), sp.max_tokens, info.max_model_len)
-        matcher = None
-        if request.constraint is not None:
-            # Our compile: the same errors (and messages) as the transformers backend, and
-            # the matcher that replays the output for constraint_satisfied.
-            matcher = await asyncio.to_thread(self.compiler.matcher, request.constraint)
         try:
             sampling = SamplingParams(
                 max_tokens=sp.max_tokens,
