@@ -28,6 +28,7 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -215,45 +216,34 @@ def train_vl_tokenizer(vocab_size: int = 2048):
     )
 
 
-def build_smoke_vl(out_dir: Path, seed: int = DEFAULT_SEED) -> None:
-    """Write the smoke detector (a Qwen2.5-VL model + processor) with ``save_pretrained``."""
-    import torch
-    from transformers import (
-        GenerationConfig,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+def _smoke_vl_processor(tokenizer: Any) -> Any:
+    """Qwen2-VL's patching (14-pixel patches, 2 frames, 2x2 merge) with a small budget."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    tokenizer = train_vl_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    # Qwen2-VL's patching (14-pixel patches, 2 frames, 2x2 merge) with a small budget.
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(
-            min_pixels=SMOKE_VL_MIN_PIXELS,
-            max_pixels=SMOKE_VL_MAX_PIXELS,
-            patch_size=14,
-            temporal_patch_size=2,
-            merge_size=2,
-        ),
-        video_processor=Qwen2VLVideoProcessor(
-            min_pixels=SMOKE_VL_MIN_PIXELS,
-            max_pixels=SMOKE_VL_MAX_PIXELS,
-            patch_size=14,
-            temporal_patch_size=2,
-            merge_size=2,
-        ),
+    patching: dict[str, Any] = {
+        "min_pixels": SMOKE_VL_MIN_PIXELS,
+        "max_pixels": SMOKE_VL_MAX_PIXELS,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    }
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**patching),
+        video_processor=Qwen2VLVideoProcessor(**patching),
         tokenizer=tokenizer,
         chat_template=QWEN25_VL_CHAT_TEMPLATE,
     )
+
+
+def _smoke_vl_config(tokenizer: Any, ids: dict[str, int], eos: list[int]) -> Any:
+    """A 2-layer Qwen2.5-VL (2 vision blocks), Rex-Omni's architecture at toy size."""
+    from transformers import Qwen2_5_VLConfig
+
     # Weights drawn wider than the usual 0.02: with that, a 2-layer random model emits one
     # token forever, and tests comparing batched with solo generation would then compare
     # nothing. At 0.1 greedy output varies token by token and depends on the image.
     init = 0.1
-    config = Qwen2_5_VLConfig(
+    return Qwen2_5_VLConfig(
         text_config={
             "vocab_size": (len(tokenizer) + 63) // 64 * 64,  # padded rows, like Qwen's
             "hidden_size": 128,
@@ -296,6 +286,18 @@ def build_smoke_vl(out_dir: Path, seed: int = DEFAULT_SEED) -> None:
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
+
+
+def build_smoke_vl(out_dir: Path, seed: int = DEFAULT_SEED) -> None:
+    """Write the smoke detector (a Qwen2.5-VL model + processor) with ``save_pretrained``."""
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = train_vl_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    eos = [ids["<|im_end|>"], ids["<|endoftext|>"]]
+    processor = _smoke_vl_processor(tokenizer)
+    config = _smoke_vl_config(tokenizer, ids, eos)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config = GenerationConfig(

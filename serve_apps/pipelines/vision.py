@@ -297,35 +297,13 @@ class VisionPipelines:
                         detector, data, [p.text for p in usable], "detection", req.max_tokens
                     )
                 )
-                budget = self._max_boxes()
-                for phrase, shapes in result.predictions.items():
-                    boxes = [_flat(s) for s in shapes if s.type == "box"]
-                    by_phrase[phrase] = boxes[: max(0, budget)]
-                    budget -= len(boxes)
-                if budget < 0:
-                    notes.append(
-                        f"only the first {self._max_boxes()} of "
-                        f"{self._max_boxes() - budget} boxes segmented"
-                    )
+                notes += _boxes_by_phrase(result, by_phrase, self._max_boxes())
                 boxes = [box for p in found for box in by_phrase[p.text]]
                 masks, seg = await self._masks(sam, data, boxes, encode, timings)
         finally:
             if not encode.done():
                 encode.cancel()
-        annotations: list[GroundAnnotation] = []
-        cursor = 0
-        for p in found:
-            n = len(by_phrase[p.text])
-            annotations.append(
-                GroundAnnotation(
-                    phrase=p.text,
-                    start_char=p.start_char,
-                    end_char=p.end_char,
-                    boxes=by_phrase[p.text],
-                    masks=masks[cursor : cursor + n],
-                )
-            )
-            cursor += n
+        annotations = _annotations(found, by_phrase, masks)
         visualization = None
         if req.visualize:
             overlay = Overlay()
@@ -348,6 +326,42 @@ class VisionPipelines:
             timings_ms=timings,
             visualization=visualization,
         )
+
+
+def _boxes_by_phrase(
+    result: DetectResult, by_phrase: dict[str, list[list[float]]], max_boxes: int
+) -> list[str]:
+    """Each phrase's detected boxes into ``by_phrase``, the first ``max_boxes`` of all of
+    them in phrase order; a note when some were left out."""
+    budget = max_boxes
+    for phrase, shapes in result.predictions.items():
+        boxes = [_flat(s) for s in shapes if s.type == "box"]
+        by_phrase[phrase] = boxes[: max(0, budget)]
+        budget -= len(boxes)
+    if budget < 0:
+        return [f"only the first {max_boxes} of {max_boxes - budget} boxes segmented"]
+    return []
+
+
+def _annotations(
+    found: list[PhraseResult], by_phrase: dict[str, list[list[float]]], masks: list[Mask]
+) -> list[GroundAnnotation]:
+    """One annotation per phrase: its boxes and their masks (``masks`` in phrase order)."""
+    annotations: list[GroundAnnotation] = []
+    cursor = 0
+    for p in found:
+        n = len(by_phrase[p.text])
+        annotations.append(
+            GroundAnnotation(
+                phrase=p.text,
+                start_char=p.start_char,
+                end_char=p.end_char,
+                boxes=by_phrase[p.text],
+                masks=masks[cursor : cursor + n],
+            )
+        )
+        cursor += n
+    return annotations
 
 
 async def resolve_chat_images(req: ChatCompletionRequest, limits: ImageLimits) -> None:
