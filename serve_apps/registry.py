@@ -252,13 +252,12 @@ def extras_for(args: AppArgsBase) -> list[str]:
     """The pip extras the replicas of ``args`` need: their services' and their backends'."""
     from .engines import BACKENDS
 
-    extras: list[str] = []
+    extras: dict[str, None] = {}  # ordered, without repeats
     for s, cfg in args.enabled():
-        wanted = [*s.extras]
+        extras.update(dict.fromkeys(s.extras))
         if isinstance(cfg, ModelConfig):
-            wanted.append(BACKENDS[cfg.backend].extra)
-        extras += [e for e in wanted if e not in extras]
-    return extras
+            extras[BACKENDS[cfg.backend].extra] = None
+    return list(extras)
 
 
 # --------------------------------------------------------------------------- the app
