@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import modal
 
 from serve_apps.errors import InvalidRequestError, unwrap
+from serve_apps.request_context import RequestMeta, bind, current
 
 
 class ServerHost:
@@ -63,21 +64,41 @@ class ServerHost:
             raise InvalidRequestError(f"{self.DEPLOYMENT} has no public method {name!r}")
         return getattr(await self._server(), name)
 
-    async def _iterate(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]):
-        async for item in (await self._method(method))(*args, **kwargs):
-            yield item
+    async def _iterate(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        meta: RequestMeta | None = None,
+    ):
+        with bind(meta):
+            async for item in (await self._method(method))(*args, **kwargs):
+                yield item
 
     @modal.enter()
     async def load(self) -> None:
         await self._server()
 
     @modal.method()
-    async def call(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        return await (await self._method(method))(*args, **kwargs)
+    async def call(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        meta: RequestMeta | None = None,
+    ) -> Any:
+        with bind(meta):
+            return await (await self._method(method))(*args, **kwargs)
 
     @modal.method()
-    async def stream(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]):
-        async for item in self._iterate(method, args, kwargs):
+    async def stream(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        meta: RequestMeta | None = None,
+    ):
+        async for item in self._iterate(method, args, kwargs, meta):
             yield item
 
 
@@ -98,8 +119,8 @@ class ModalHandle:
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
             if self._local:
-                return await self._obj.call.local(method, args, kwargs)
-            return await self._obj.call.remote.aio(method, args, kwargs)
+                return await self._obj.call.local(method, args, kwargs, current())
+            return await self._obj.call.remote.aio(method, args, kwargs, current())
         except Exception as e:
             raise unwrap(e) from e
 
@@ -110,9 +131,9 @@ class ModalHandle:
             # "object async_generator can't be used in 'await' expression"). In-process we
             # iterate the same undecorated helper `stream` wraps, on a plain instance of
             # the host class; it shares the deployment's server with `.local()`.
-            items = self._host_cls()._iterate(method, args, kwargs)
+            items = self._host_cls()._iterate(method, args, kwargs, current())
         else:
-            items = self._obj.stream.remote_gen.aio(method, args, kwargs)
+            items = self._obj.stream.remote_gen.aio(method, args, kwargs, current())
         try:
             async for item in items:
                 yield item

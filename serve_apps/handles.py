@@ -9,7 +9,9 @@ one implementation:
 - ``ModalHandle`` (``modal_adapter``): a Modal class instance, ``.remote.aio()``.
 
 Whatever the target, a handle re-raises the :class:`serve_apps.errors.ServeAppError` that
-the remote server raised, unwrapped, so the ingress maps it to the same HTTP status.
+the remote server raised, unwrapped, so the ingress maps it to the same HTTP status, and
+carries the current :class:`~serve_apps.request_context.RequestMeta` to the server, which
+sees it as ``request_context.current()`` (in-process it flows with the task by itself).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ validation errors (400, not 422), unknown routes (404) and oversize bodies (413)
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ from .errors import (
 )
 from .handles import Handle
 from .registry import AppArgsBase, AppContext
+from .request_context import RequestMeta, bind, new_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,36 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+# A client's request ID is kept when it is a plain token (it goes into logs and headers).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestContextMiddleware:
+    """Makes each request's :class:`RequestMeta` (pure ASGI, outermost): its ID is the
+    client's ``x-request-id`` when that is a plain token, else a new one, and every
+    response carries it back in ``x-request-id``."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        meta = RequestMeta(request_id=given if _REQUEST_ID.fullmatch(given) else new_request_id())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
+                headers.append((b"x-request-id", meta.request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        with bind(meta):
+            await self.app(scope, receive, send_with_id)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """The one map from exceptions to the error envelope, for every route of ``app``."""
 
@@ -141,6 +173,7 @@ def create_app(args: AppArgsBase, handles: Mapping[str, Handle]) -> FastAPI:
     ctx = AppContext.from_handles(args, handles)
     app = FastAPI(title="serve-apps", version=__version__)
     app.add_middleware(BodyLimitMiddleware, limit=args.limits.max_request_bytes)
+    app.add_middleware(RequestContextMiddleware)  # added last: outermost
     install_error_handlers(app)
     for router in ctx.routers():
         app.include_router(router)

@@ -29,16 +29,17 @@ from __future__ import annotations
 import inspect
 from collections.abc import AsyncIterator
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from .config import ModelConfig
-from .errors import OverloadedError, unwrap
+from .errors import InvalidRequestError, OverloadedError, unwrap
 from .ingress import create_app
 from .registry import INGRESS, INGRESS_CPUS, AppArgs, ServiceSpec
+from .request_context import RequestMeta, bind, current
 from .worker_bundles import replica_placement
 
 __all__ = ["RayHandle", "build_app"]
@@ -52,16 +53,17 @@ class RayHandle:
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await getattr(self._handle, method).remote(*args, **kwargs)
+            return await self._handle.invoke.remote(method, current(), args, kwargs)
         except BackPressureError as e:
             raise OverloadedError(str(e)) from e
         except Exception as e:
             raise unwrap(e) from e
 
     async def stream(self, method: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        response: DeploymentResponseGenerator = getattr(
-            self._handle.options(stream=True), method
-        ).remote(*args, **kwargs)
+        response = cast(
+            DeploymentResponseGenerator,
+            self._handle.options(stream=True).invoke_stream.remote(method, current(), args, kwargs),
+        )
         try:
             async for item in response:
                 yield item
@@ -76,6 +78,13 @@ class RayHandle:
 
 def _takes_placement_group(server_class: type) -> bool:
     return "placement_group" in inspect.signature(server_class).parameters
+
+
+def _server_method(server: Any, name: str) -> Any:
+    """A public method of the server (the names a client can reach)."""
+    if name.startswith("_") or name in ("invoke", "invoke_stream", "check_health"):
+        raise InvalidRequestError(f"{type(server).__name__} has no public method {name!r}")
+    return getattr(server, name)
 
 
 def _replica_class(spec: ServiceSpec[Any, Any]) -> type:
@@ -99,6 +108,21 @@ def _replica_class(spec: ServiceSpec[Any, Any]) -> type:
         async def check_health(self) -> None:
             # Ray calls this periodically; a dead engine makes the replica unhealthy.
             await self.health()
+
+        async def invoke(
+            self, method: str, meta: RequestMeta | None, args: tuple[Any, ...], kwargs: Any
+        ) -> Any:
+            """What every RayHandle call arrives as: the request's meta bound, then the
+            server's ``method``."""
+            with bind(meta):
+                return await _server_method(self, method)(*args, **kwargs)
+
+        async def invoke_stream(
+            self, method: str, meta: RequestMeta | None, args: tuple[Any, ...], kwargs: Any
+        ) -> AsyncIterator[Any]:
+            with bind(meta):
+                async for item in _server_method(self, method)(*args, **kwargs):
+                    yield item
 
     Replica.__name__ = Replica.__qualname__ = f"{spec.name}Replica"
     return Replica
