@@ -27,7 +27,7 @@ model config: a vLLM replica's placement-group bundles for its engine's workers
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from functools import cache
 from typing import Any, cast
 
@@ -38,11 +38,11 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from .config import ModelConfig
 from .errors import InvalidRequestError, OverloadedError, unwrap
 from .ingress import create_app
-from .registry import INGRESS, INGRESS_CPUS, AppArgs, ServiceSpec
+from .registry import INGRESS, INGRESS_CPUS, AppArgs, AppArgsBase, ServiceSpec
 from .request_context import RequestMeta, bind, current
 from .worker_bundles import replica_placement
 
-__all__ = ["RayHandle", "build_app"]
+__all__ = ["RayHandle", "bind_graph", "build_app"]
 
 
 class RayHandle:
@@ -154,13 +154,22 @@ IngressDeployment = serve.deployment(ray_actor_options={"num_cpus": INGRESS_CPUS
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The typed app builder: ``args`` (the Serve config's ``args:``) -> the bound graph."""
-    parsed = AppArgs.model_validate(args or {})
+    return bind_graph(AppArgs.model_validate(args or {}))
+
+
+def bind_graph(
+    args: AppArgsBase, options: Mapping[str, Mapping[str, Any]] | None = None
+) -> serve.Application:
+    """The graph for validated ``args``. ``options`` (deployment name -> Serve deployment
+    options, e.g. ``{"LLM": {"num_replicas": 2}}``) does in Python what a Serve config's
+    ``deployments:`` entries do: benchmarks and tests shape the graph with it."""
+    options = options or {}
     services = {}
-    for spec, config in parsed.enabled():
-        options: dict[str, Any] = {"name": spec.name}
+    for spec, config in args.enabled():
+        chosen: dict[str, Any] = {"name": spec.name}
         if isinstance(config, ModelConfig):
-            options.update(replica_placement(config))
-        services[spec.key] = (
-            deployment(spec).options(**options).bind(config.model_dump(mode="json"))
-        )
-    return IngressDeployment.options(name=INGRESS).bind(parsed.model_dump(mode="json"), services)
+            chosen.update(replica_placement(config))
+        chosen.update(options.get(spec.name, {}))
+        services[spec.key] = deployment(spec).options(**chosen).bind(config.model_dump(mode="json"))
+    ingress = IngressDeployment.options(name=INGRESS, **options.get(INGRESS, {}))
+    return ingress.bind(args.model_dump(mode="json"), services)
