@@ -37,6 +37,39 @@ def constraint_key(constraint: Constraint) -> str:
     return hashlib.sha256(f"{constraint.kind}\0{text}".encode()).hexdigest()
 
 
+# What a constraint may cost llguidance (its own limits: the grammar's size and the work
+# of building the first lexer state). Without them a 10,000-property schema compiles for
+# tens of seconds and a 20,000-way alternative for seconds; with them both fail in well
+# under a second, while every constraint this project uses (the Rex-Omni detection
+# grammar for 32 categories, 1,000-property schemas) compiles as before.
+MAX_GRAMMAR_SIZE = 20_000
+INITIAL_LEXER_FUEL = 100_000
+
+
+def _limits() -> Any:
+    import llguidance
+
+    return llguidance.LLParserLimits(
+        max_grammar_size=MAX_GRAMMAR_SIZE, initial_lexer_fuel=INITIAL_LEXER_FUEL
+    )
+
+
+def llguidance_message(error: str) -> str:
+    """llguidance's error on one line, capped: a client needs the reason, not the parser
+    state the library may append after it."""
+    text = " ".join(line.strip() for line in error.splitlines() if line.strip())
+    text = text or "unknown error"
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
+def matcher_failure(matcher: llguidance.LLMatcher) -> ConstraintError:
+    """The error of a request whose grammar failed while generating (a limit was hit)."""
+    return ConstraintError(
+        "the constraint could not continue (it exceeds the grammar engine's limits): "
+        + llguidance_message(matcher.get_error())
+    )
+
+
 # Compact JSON (no free whitespace between tokens): a model cannot pad its output with
 # whitespace forever, and both backends agree (vLLM: ``disable_any_whitespace``). A schema
 # can still opt back in with ``"x-guidance": {"whitespace_flexible": true}``.
@@ -120,10 +153,19 @@ class ConstraintCompiler:
         import llguidance
 
         grammar = grammar_for(constraint)
-        matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
+        matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0, limits=_limits())
+        if not matcher.is_error():
+            # Some grammars fail only when the first mask is computed (e.g. {"$ref": "#"},
+            # a recursion with no end): find out now, once per constraint, rather than
+            # inside a batch, where the mask would allow nothing but EOS.
+            probe = matcher.deep_copy()
+            probe.compute_bitmask()
+            if probe.is_error():
+                matcher = probe
         if matcher.is_error():
             raise ConstraintError(
-                f"invalid {constraint.kind}: {matcher.get_error()}", param=constraint.kind
+                f"invalid {constraint.kind}: {llguidance_message(matcher.get_error())}",
+                param=constraint.kind,
             )
         return matcher
 
@@ -156,13 +198,19 @@ class BatchMasker:
         ordered = sorted(self.mask_seconds)
         return ordered[len(ordered) // 2]
 
-    def apply(self, logits: torch.Tensor, rows: list[tuple[int, llguidance.LLMatcher]]) -> None:
-        """Mask ``logits`` (batch, model_vocab) in place for the given (row, matcher) pairs."""
+    def apply(
+        self, logits: torch.Tensor, rows: list[tuple[int, llguidance.LLMatcher]]
+    ) -> list[tuple[int, ConstraintError]]:
+        """Mask ``logits`` (batch, model_vocab) in place for the given (row, matcher) pairs.
+
+        Returns the rows whose matcher failed while computing its mask (a grammar limit
+        hit mid-way), each with its error: those rows must not be sampled.
+        """
         import llguidance.torch as llt
         import torch
 
         if not rows:
-            return
+            return []
         t0 = time.perf_counter()
         bitmask = llt.allocate_token_bitmask(len(rows), self._vocab_size)
         llt.fill_next_token_bitmask_par(
@@ -182,3 +230,4 @@ class BatchMasker:
         self.mask_seconds.append(time.perf_counter() - t0)
         if len(self.mask_seconds) > 100_000:
             del self.mask_seconds[:50_000]
+        return [(r, matcher_failure(m)) for r, m in rows if m.is_error()]

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .. import constraint_limits
+
 logger = logging.getLogger(__name__)
 
 
@@ -55,6 +57,13 @@ class Constraints(StrictModel):
                 "constraints needs exactly one of json_schema, regex, grammar "
                 f"(got {', '.join(given) or 'none'})"
             )
+        # What would cost the compiler too much is refused here, before any model sees it.
+        if self.json_schema is not None:
+            constraint_limits.check_json_schema(self.json_schema)
+        elif self.regex is not None:
+            constraint_limits.check_regex(self.regex, "regex")
+        elif self.grammar is not None:
+            constraint_limits.check_grammar(self.grammar)
         return self
 
     @property
@@ -68,6 +77,19 @@ class Constraints(StrictModel):
         value = getattr(self, self.kind)
         assert value is not None
         return value
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The one error envelope (serve_apps.errors), as /openapi.json documents it."""
+
+    error: ErrorDetail
 
 
 class Usage(BaseModel):
