@@ -27,17 +27,25 @@ Errors
 Cancellation
     Closing the async iterator (the client went away) aborts the request and frees its slot
     in the running batch.
+
+Deadlines
+    ``GenerationRequest.deadline`` (wall-clock seconds; by default the current request's,
+    :mod:`serve_apps.request_context`) is a promise nobody waits past: a request still
+    queued when it passes never starts, and one still generating is stopped; either way
+    the stream raises ``DeadlineExceededError`` and the slot is free again.
 """
 
 from __future__ import annotations
 
 import abc
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Self
 
-from ..errors import ContextLengthError
+from ..errors import ContextLengthError, DeadlineExceededError
+from ..request_context import current
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -91,6 +99,20 @@ class GenerationRequest:
     # Chat prompts come out of the chat template with their special tokens already in.
     add_special_tokens: bool = True
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Wall-clock time (time.time()) past which nobody waits for the answer; None: never.
+    deadline: float | None = field(default_factory=lambda: _current_deadline())
+
+    def past_deadline(self) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
+
+
+def _current_deadline() -> float | None:
+    meta = current()
+    return None if meta is None else meta.deadline
+
+
+def deadline_error(where: str) -> DeadlineExceededError:
+    return DeadlineExceededError(f"the request's deadline passed {where}; its work was stopped")
 
 
 @dataclass

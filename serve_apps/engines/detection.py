@@ -80,6 +80,10 @@ def parse_prediction(text: str, width: int, height: int) -> dict[str, list[dict[
     ``<|im_end|>`` is ignored; a last item cut off by ``max_tokens`` still counts; shapes
     with an odd or too small number of coordinates are dropped; ``None`` gives an empty
     list; a category that appears twice collects both items' shapes.
+
+    The grammar guarantees the format, not the geometry: a box is always returned as
+    ``x1 <= x2, y1 <= y2`` (corners given the other way round are swapped), and a box with
+    no area (``x1 == x2`` or ``y1 == y2``) is dropped, since it is no region to segment.
     """
     text = text.split(END_OF_TURN)[0]
     if not text.endswith(BOX_END):
@@ -94,7 +98,9 @@ def parse_prediction(text: str, width: int, height: int) -> dict[str, list[dict[
             if len(bins) == 2:
                 shapes.append({"type": "point", "coords": [xs[0], ys[0]]})
             elif len(bins) == 4:
-                shapes.append({"type": "box", "coords": [xs[0], ys[0], xs[1], ys[1]]})
+                (x1, x2), (y1, y2) = sorted(xs), sorted(ys)
+                if x1 < x2 and y1 < y2:
+                    shapes.append({"type": "box", "coords": [x1, y1, x2, y2]})
             elif len(bins) > 4 and len(bins) % 2 == 0:
                 shapes.append(
                     {"type": "polygon", "coords": [[x, y] for x, y in zip(xs, ys, strict=True)]}

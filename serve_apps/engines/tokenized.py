@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import InvalidRequestError, UnsupportedError
+from ..errors import ContextLengthError, InvalidRequestError, UnsupportedError
 from .base import Constraint, GenerationRequest, LLMEngine, check_context
 
 if TYPE_CHECKING:
@@ -51,6 +52,28 @@ class TokenizedEngine(LLMEngine):
 
     async def validate_constraint(self, constraint: Constraint) -> None:
         await asyncio.to_thread(self.compiler.matcher, constraint)
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for: the longest entry of the
+        vocabulary (byte-level BPE: one symbol per byte, and a character is at least a
+        byte), so a text of N characters needs at least N / this many tokens."""
+        with self._tok_lock:
+            return max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+
+    def _check_prompt_length(self, request: GenerationRequest) -> None:
+        """Refuse a prompt that cannot fit before tokenizing it: tokenizing megabytes holds
+        the tokenizer for seconds and allocates gigabytes that the allocator keeps."""
+        chars = len(request.prompt)
+        fewest_tokens = -(-chars // self.max_token_chars)
+        context = self.info().max_model_len
+        if fewest_tokens + request.sampling.max_tokens > context:
+            raise ContextLengthError(
+                f"the prompt ({chars} characters, at least {fewest_tokens} tokens) + "
+                f"max_tokens ({request.sampling.max_tokens}) exceeds the model's context of "
+                f"{context} tokens",
+                param="messages" if not request.add_special_tokens else "prompt",
+            )
 
     def _check_images(self, request: GenerationRequest) -> None:
         if request.images and not self.supports_images:

@@ -40,9 +40,11 @@ from .base import (
     GenerationOutput,
     GenerationRequest,
     ModelInfo,
+    SamplingParams,
+    deadline_error,
     eos_token_ids,
 )
-from .constraints import BatchMasker, ConstraintCompiler, constraint_satisfied
+from .constraints import BatchMasker, ConstraintCompiler, constraint_satisfied, matcher_failure
 from .tokenized import TokenizedEngine
 
 if TYPE_CHECKING:
@@ -129,6 +131,31 @@ class EngineStats:
     @property
     def max_batch_size(self) -> int:
         return max(self.batch_sizes, default=0)
+
+
+def sample_token(row: torch.Tensor, sp: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from one row of logits (masked already) with the row's own sampling.
+
+    The logits are shifted so that the largest is 0 before dividing by the temperature:
+    any positive temperature stays finite that way (1e-300 sends every other logit to
+    -inf, which is the greedy limit it means) and softmax cannot overflow. The most likely
+    token always survives top-p, whatever the precision of a tiny ``top_p``.
+    """
+    import torch
+
+    if sp.temperature == 0 or generator is None:
+        return int(row.argmax())
+    top = row.max()
+    if not torch.isfinite(top):
+        raise EngineError("the model produced no finite logit for this request")
+    probs = torch.softmax((row - top) / sp.temperature, dim=-1)
+    if sp.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cutoff = (sorted_p.cumsum(0) - sorted_p) >= sp.top_p
+        cutoff[0] = False
+        sorted_p[cutoff] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _torch_dtype(name: str):
@@ -312,6 +339,7 @@ class TransformersEngine(TokenizedEngine):
         import torch
 
         self._check_images(request)
+        self._check_prompt_length(request)
         inputs = await self._prompt_inputs(request)
         prompt_ids = inputs.ids
         matcher = await self._check_prompt(request, prompt_ids)
@@ -361,6 +389,8 @@ class TransformersEngine(TokenizedEngine):
 
     def _step(self, new: list[_Sequence]) -> None:
         """One scheduler step; a failure fails only the requests it touched."""
+        late = [s for s in self._active if not s.done and s.request.past_deadline()]
+        self._fail(late, deadline_error("while it was generating"))
         self._drop_finished()
         if new:
             try:
@@ -408,7 +438,9 @@ class TransformersEngine(TokenizedEngine):
                 break
             if item is _STOP:
                 return None
-            if not item.cancelled:
+            if item.request.past_deadline():
+                self._fail([item], deadline_error("while it waited for a slot in the batch"))
+            elif not item.cancelled:
                 new.append(item)
         return new
 
@@ -529,6 +561,8 @@ class TransformersEngine(TokenizedEngine):
 
     # ----------------------------------------------------------------- sampling
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> None:
+        """Mask, sample and advance every row. A row that fails (its grammar hit a limit,
+        its numbers went bad) fails its own request only; the batch goes on."""
         import torch
 
         for i, s in enumerate(seqs):
@@ -539,21 +573,16 @@ class TransformersEngine(TokenizedEngine):
                 scores = torch.where(scores < 0, scores * penalty, scores / penalty)
                 logits[i].index_copy_(0, seen, scores)
         constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
-        self.masker.apply(logits, constrained)
+        for i, error in self.masker.apply(logits, constrained):
+            self._fail([seqs[i]], error)
         for i, s in enumerate(seqs):
-            sp = s.request.sampling
-            row = logits[i]
-            if sp.temperature == 0 or s.generator is None:
-                token = int(row.argmax())
-            else:
-                probs = torch.softmax(row / sp.temperature, dim=-1)
-                if sp.top_p < 1.0:
-                    sorted_p, order = probs.sort(descending=True)
-                    cutoff = (sorted_p.cumsum(0) - sorted_p) >= sp.top_p
-                    sorted_p[cutoff] = 0.0
-                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-                token = int(torch.multinomial(probs, 1, generator=s.generator))
-            self._advance(s, token)
+            if s.done:
+                continue
+            try:
+                self._advance(s, sample_token(logits[i], s.request.sampling, s.generator))
+            except Exception as e:
+                logger.exception("sampling failed for one row; failing only its request")
+                self._fail([s], e)
 
     def _advance(self, s: _Sequence, token: int) -> None:
         """Record one sampled token for ``s``, decide whether it is finished, emit a delta."""
@@ -568,10 +597,7 @@ class TransformersEngine(TokenizedEngine):
         satisfied: bool | None = None
         is_eos = token in self._eos
         if s.matcher is not None and not s.matcher.consume_token(token):
-            s.done = True
-            s.emit(
-                EngineError(f"constraint matcher rejected a masked token: {s.matcher.get_error()}")
-            )
+            self._fail([s], matcher_failure(s.matcher))
             return
         if is_eos:
             finish = "stop"

@@ -48,6 +48,7 @@ from .base import (
     GenerationRequest,
     ModelInfo,
     common_options,
+    deadline_error,
     eos_token_ids,
 )
 from .constraints import JSON_DEFAULTS, ConstraintCompiler, constraint_satisfied
@@ -295,6 +296,8 @@ class VLLMEngine(TokenizedEngine):
                     # EngineDeadError, EngineGenerateError, anything from the engine core.
                     logger.exception("vLLM request %s failed", request.request_id)
                     raise EngineError(f"generation failed: {e}") from e
+                if request.past_deadline():  # closing the stream aborts it in vLLM
+                    raise deadline_error("while it was generating")
                 completion = out.outputs[0]
                 new_ids = list(completion.token_ids)
                 generated.extend(new_ids)
@@ -357,6 +360,7 @@ class VLLMEngine(TokenizedEngine):
         from vllm.sampling_params import RequestOutputKind
 
         self._check_images(request)
+        self._check_prompt_length(request)
         prompt_ids = await asyncio.to_thread(
             self._encode, request.prompt, add_special_tokens=request.add_special_tokens
         )
