@@ -9,17 +9,24 @@ Each client method names the server method it calls (``SegmenterServer.segment``
 mypy checks the call against the server: a renamed server method, a reordered argument or
 a changed result type is a type error here, not an ``AttributeError`` on a replica.
 Importing the server classes is cheap (their engines are imported when they start).
+
+Clients also enforce the request's deadline (``request_context.current().deadline``): a
+call or a stream still running when it passes is cancelled (on Ray Serve the replica's
+work is cancelled with it, freeing its slot) and becomes a 504 ``DeadlineExceededError``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
+from .errors import DeadlineExceededError
 from .handles import Handle
 from .replicas import Server
 from .replicas.llm import LLMServer
 from .replicas.vision import DetectorServer, GrounderServer, SegmenterServer
+from .request_context import current
 from .schemas.generate import GenerateRequest, GenerateResponse
 from .schemas.openai import (
     ChatCompletionChunk,
@@ -46,7 +53,7 @@ class Client:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> R:
-        result: R = await self.handle.call(method.__name__, *args, **kwargs)
+        result: R = await _within_deadline(self.handle.call(method.__name__, *args, **kwargs))
         return result
 
     def _stream(
@@ -55,11 +62,47 @@ class Client:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> AsyncIterator[R]:
-        return self.handle.stream(method.__name__, *args, **kwargs)
+        return _stream_within_deadline(self.handle.stream(method.__name__, *args, **kwargs))
 
     async def health(self) -> Any:
         """The server's health check; raises when it is not ready."""
         return await self._call(Server.health)
+
+
+def _deadline_passed(during: str) -> DeadlineExceededError:
+    return DeadlineExceededError(f"the request's deadline passed {during}")
+
+
+async def _within_deadline(call: Awaitable[R]) -> R:
+    meta = current()
+    left = None if meta is None else meta.remaining()
+    if left is None:
+        return await call
+    if left <= 0:
+        if asyncio.iscoroutine(call):
+            call.close()  # never started
+        raise _deadline_passed("before the request reached the service")
+    timeout = asyncio.timeout(left)
+    try:
+        async with timeout:
+            return await call
+    except TimeoutError:
+        if timeout.expired():
+            raise _deadline_passed("while the service worked on it") from None
+        raise
+
+
+async def _stream_within_deadline(items: AsyncIterator[R]) -> AsyncIterator[R]:
+    iterator = aiter(items)
+    try:
+        while True:
+            try:
+                item = await _within_deadline(anext(iterator))
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        await iterator.aclose()  # type: ignore[attr-defined]
 
 
 class LLMClient(Client):

@@ -10,7 +10,7 @@ place the environment is read; :func:`load_serve_config` the only YAML reader.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -302,6 +302,25 @@ class Limits(StrictModel):
 
     max_tokens: int = Field(default=4096, ge=1, description="largest max_tokens a request may ask")
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(
+        default=64, ge=4, le=512, description="deepest nesting of a JSON body (400 past it)"
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="time to receive a request body (408 past it)"
+    )
+    request_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=24 * 3600,
+        description="a request's deadline unless route_timeouts_s names its path; a client's "
+        "x-request-timeout header (seconds) may shorten it, never lengthen it (504 past it)",
+    )
+    route_timeouts_s: dict[str, Annotated[float, Field(gt=0, le=24 * 3600)]] = Field(
+        default_factory=dict, description='deadline per path, e.g. {"/v1/ground": 60}'
+    )
+
+    def timeout_for(self, path: str) -> float:
+        return self.route_timeouts_s.get(path, self.request_timeout_s)
 
     def check_max_tokens(self, requested: int | None) -> None:
         """``ContextLengthError`` (400) when a request asks for more than ``max_tokens``."""

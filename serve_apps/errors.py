@@ -6,12 +6,15 @@ Every error the service returns has the same body (the OpenAI shape)::
 
 Code that wants to fail a request raises one of the classes below; the ingress turns
 it into a response with :func:`error_body` / :func:`status_of`. Each class states its
-status in its docstring and in ``status_code``. The exceptions are plain picklable
-objects so that they survive a hop through a Ray or Modal handle unchanged.
+status in its docstring and in ``status_code``. The ones a client should retry (503, 504)
+carry ``retry_after_s``, sent as the ``Retry-After`` header (:func:`error_headers`). The
+exceptions are plain picklable objects so that they survive a hop through a Ray or Modal
+handle unchanged.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -21,16 +24,28 @@ class ServeAppError(Exception):
     status_code: int = 500
     error_type: str = "internal_error"
     default_code: str | None = None
+    # Seconds a client should wait before retrying (Retry-After); None: do not retry as is.
+    default_retry_after_s: float | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
+        self.retry_after_s = (
+            retry_after_s if retry_after_s is not None else self.default_retry_after_s
+        )
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Keyword-only arguments are lost by the default Exception pickling.
-        return (_rebuild, (type(self), self.message, self.param, self.code))
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.retry_after_s))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -41,8 +56,14 @@ class ServeAppError(Exception):
         }
 
 
-def _rebuild(cls: type[ServeAppError], message: str, param: str | None, code: str | None):
-    return cls(message, param=param, code=code)
+def _rebuild(
+    cls: type[ServeAppError],
+    message: str,
+    param: str | None,
+    code: str | None,
+    retry_after_s: float | None = None,
+) -> ServeAppError:
+    return cls(message, param=param, code=code, retry_after_s=retry_after_s)
 
 
 class InvalidRequestError(ServeAppError):
@@ -95,20 +116,41 @@ class PayloadTooLargeError(ServeAppError):
     default_code = "payload_too_large"
 
 
+class RequestTimeoutError(ServeAppError):
+    """408: the client did not send its request body in time."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class OverloadedError(ServeAppError):
-    """503: the engine's queue is full; retry later."""
+    """503: a queue on the request's path is full; retry after ``Retry-After`` seconds."""
 
     status_code = 503
     error_type = "overloaded_error"
     default_code = "overloaded"
+    default_retry_after_s = 2.0
 
 
 class UnavailableError(ServeAppError):
-    """503: a service the request needs is not ready (starting, failed, unreachable)."""
+    """503: a service the request needs is not ready (starting, failed, its replica died);
+    retry after ``Retry-After`` seconds."""
 
     status_code = 503
     error_type = "unavailable_error"
     default_code = "service_unavailable"
+    default_retry_after_s = 5.0
+
+
+class DeadlineExceededError(ServeAppError):
+    """504: the request's deadline passed before it could start or finish; its work was
+    stopped. Retry after ``Retry-After`` seconds, or with a longer deadline."""
+
+    status_code = 504
+    error_type = "timeout_error"
+    default_code = "deadline_exceeded"
+    default_retry_after_s = 2.0
 
 
 class EngineError(ServeAppError):
@@ -123,13 +165,21 @@ def status_of(exc: BaseException) -> int:
     return exc.status_code if isinstance(exc, ServeAppError) else 500
 
 
+def error_headers(exc: BaseException) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, rounded up) for the errors a client should retry."""
+    after = getattr(exc, "retry_after_s", None)
+    if not isinstance(exc, ServeAppError) or after is None:
+        return {}
+    return {"Retry-After": str(max(1, math.ceil(after)))}
+
+
 def error_body(exc: BaseException) -> dict[str, Any]:
     """The envelope for any exception; unknown exceptions become a 500 without internals."""
     if isinstance(exc, ServeAppError):
         return {"error": exc.to_dict()}
     return {
         "error": {
-            "message": f"internal error ({type(exc).__name__})",
+            "message": "internal error",
             "type": "internal_error",
             "param": None,
             "code": "internal_error",

@@ -12,29 +12,37 @@ validation errors (400, not 422), unknown routes (404) and oversize bodies (413)
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
+from .config import Limits
 from .errors import (
     InvalidRequestError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     ServeAppError,
     error_body,
+    error_headers,
     status_of,
     unwrap,
 )
 from .handles import Handle
 from .registry import AppArgsBase, AppContext
 from .request_context import RequestMeta, bind, new_request_id
+from .schemas.common import ErrorResponse
 
 logger = logging.getLogger(__name__)
 
@@ -43,75 +51,144 @@ def error_response(exc: BaseException) -> JSONResponse:
     exc = unwrap(exc)
     if not isinstance(exc, ServeAppError):
         logger.exception("unhandled error", exc_info=exc)
-    return JSONResponse(error_body(exc), status_code=status_of(exc))
+    return JSONResponse(error_body(exc), status_code=status_of(exc), headers=error_headers(exc))
 
 
-class BodyLimitMiddleware:
-    """413 for request bodies over ``limit`` bytes, declared or streamed (pure ASGI).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # unrolled: linear, no backtracking
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+_NOT_BRACKET = bytes(set(range(256)) - set(b"[]{}"))
 
-    The body is read here, at most ``limit`` bytes of it, and replayed to the app: every
-    route parses the whole JSON body anyway.
-    """
 
-    def __init__(self, app: ASGIApp, limit: int):
+def json_deeper_than(body: bytes, limit: int) -> bool:
+    """Whether a JSON text nests arrays/objects deeper than ``limit``, found with C-speed
+    byte operations (no parse: a parser would recurse as deep as the text does, and so
+    would pickling it on the way to a replica)."""
+    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKET)
+    for _ in range(limit):
+        if not brackets:
+            return False
+        # Strip innermost pairs: each round removes one level of nesting.
+        shorter = _INNERMOST.sub(b"", brackets)
+        if shorter == brackets:  # not balanced: the JSON parser will say what is wrong
+            return False
+        brackets = shorter
+    return bool(brackets)
+
+
+class BodyMiddleware:
+    """Reads the request body once, within its limits, and replays it to the app (pure
+    ASGI; every route parses the whole JSON body anyway): 413 over ``max_request_bytes``
+    (declared or streamed), 408 when it does not arrive within ``body_timeout_s``, 400
+    when a JSON body nests deeper than ``max_json_depth``."""
+
+    def __init__(self, app: ASGIApp, limits: Limits):
         self.app = app
-        self.limit = limit
+        self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = error_response(
-            PayloadTooLargeError(f"request body is over the {self.limit}-byte limit")
-        )
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await too_large(scope, receive, send)
+            await self._refuse(self._too_large(), scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # client went away
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await too_large(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_s):
+                body = await self._read(receive)
+        except TimeoutError:
+            timeout = self.limits.body_timeout_s
+            error: ServeAppError = RequestTimeoutError(f"request body not received in {timeout} s")
+            await self._refuse(error, scope, receive, send)
+            return
+        except PayloadTooLargeError as e:
+            await self._refuse(e, scope, receive, send)
+            return
+        if body is None:  # the client went away
+            return
+        json_body = b"json" in headers.get(b"content-type", b"json")
+        if json_body and json_deeper_than(body, self.limits.max_json_depth):
+            error = InvalidRequestError(
+                f"the JSON body nests deeper than {self.limits.max_json_depth} levels",
+                code="invalid_json",
+            )
+            await self._refuse(error, scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: disconnect notifications
 
         await self.app(scope, replay, send)
 
+    @property
+    def limit(self) -> int:
+        return self.limits.max_request_bytes
+
+    def _too_large(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(f"request body is over the {self.limit}-byte limit")
+
+    async def _read(self, receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    async def _refuse(error: ServeAppError, scope: Scope, receive: Receive, send: Send) -> None:
+        await error_response(error)(scope, receive, send)
+
 
 # A client's request ID is kept when it is a plain token (it goes into logs and headers).
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+TIMEOUT_HEADER = b"x-request-timeout"
 
 
 class RequestContextMiddleware:
-    """Makes each request's :class:`RequestMeta` (pure ASGI, outermost): its ID is the
-    client's ``x-request-id`` when that is a plain token, else a new one, and every
-    response carries it back in ``x-request-id``."""
+    """Makes each request's :class:`RequestMeta` (pure ASGI, outermost).
 
-    def __init__(self, app: ASGIApp):
+    Its ID is the client's ``x-request-id`` when that is a plain token, else a new one,
+    and every response carries it back in ``x-request-id``. Its deadline is now plus the
+    route's timeout (``limits.route_timeouts_s``, else ``limits.request_timeout_s``), or
+    sooner when the client's ``x-request-timeout`` header (seconds) says so; the clients
+    of the services enforce it (504).
+    """
+
+    def __init__(self, app: ASGIApp, limits: Limits):
         self.app = app
+        self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        meta = RequestMeta(request_id=given if _REQUEST_ID.fullmatch(given) else new_request_id())
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        timeout = self.limits.timeout_for(scope.get("path", ""))
+        try:
+            asked = float(headers.get(TIMEOUT_HEADER, b"inf"))
+        except ValueError:
+            asked = math.inf  # not a number: the route's own timeout
+        if asked > 0:
+            timeout = min(timeout, asked)
+        meta = RequestMeta(
+            request_id=given if _REQUEST_ID.fullmatch(given) else new_request_id(),
+            deadline=time.time() + timeout,
+        )
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -122,6 +199,9 @@ class RequestContextMiddleware:
 
         with bind(meta):
             await self.app(scope, receive, send_with_id)
+
+
+HTTP_CODES = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -153,30 +233,68 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own: unknown route (404), wrong method (405, with Allow), a body
+        # FastAPI could not decode (400: not UTF-8, which JSON must be).
+        code = HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         body = {
             "error": {
                 "message": str(exc.detail),
                 "type": "not_found_error" if exc.status_code == 404 else "invalid_request_error",
                 "param": None,
-                "code": str(exc.status_code),
+                "code": code,
             }
         }
-        return JSONResponse(body, status_code=exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _any_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
 
 
+# What any route may answer besides its 200, all in the envelope: the body checks (400,
+# 408, 413), a model the request names that is not served (404), the deadline (504), a
+# service overloaded or gone (503), and a fault of ours (500).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "invalid request (the error envelope; param names the field)",
+        404: "unknown model or route",
+        408: "request body not received in time",
+        413: "request body or image too large",
+        500: "internal error",
+        503: "overloaded or unavailable; retry after Retry-After seconds",
+        504: "deadline exceeded; retry after Retry-After seconds",
+    }.items()
+}
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's schema without its 422s: validation errors are 400s in the envelope."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
 def create_app(args: AppArgsBase, handles: Mapping[str, Handle]) -> FastAPI:
     """The FastAPI app for ``args``; ``handles`` maps service key -> handle."""
     ctx = AppContext.from_handles(args, handles)
     app = FastAPI(title="serve-apps", version=__version__)
-    app.add_middleware(BodyLimitMiddleware, limit=args.limits.max_request_bytes)
-    app.add_middleware(RequestContextMiddleware)  # added last: outermost
+    app.add_middleware(BodyMiddleware, limits=args.limits)
+    app.add_middleware(RequestContextMiddleware, limits=args.limits)  # added last: outermost
     install_error_handlers(app)
     for router in ctx.routers():
-        app.include_router(router)
+        app.include_router(router, responses=ERROR_RESPONSES)
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app
 
 

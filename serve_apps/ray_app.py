@@ -26,17 +26,20 @@ model config: a vLLM replica's placement-group bundles for its engine's workers
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import logging
 from collections.abc import AsyncIterator, Mapping
 from functools import cache
 from typing import Any, cast
 
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from .config import ModelConfig
-from .errors import InvalidRequestError, OverloadedError, unwrap
+from .errors import InvalidRequestError, OverloadedError, UnavailableError, unwrap
 from .ingress import create_app
 from .registry import INGRESS, INGRESS_CPUS, AppArgs, AppArgsBase, ServiceSpec
 from .request_context import RequestMeta, bind, current
@@ -44,36 +47,77 @@ from .worker_bundles import replica_placement
 
 __all__ = ["RayHandle", "bind_graph", "build_app"]
 
+logger = logging.getLogger(__name__)
+
 
 class RayHandle:
-    """:class:`serve_apps.handles.Handle` over a Ray Serve ``DeploymentHandle``."""
+    """:class:`serve_apps.handles.Handle` over a Ray Serve ``DeploymentHandle``.
+
+    Ray Serve retries a request only until a replica accepts it; a replica that dies
+    while holding it fails it with ``RayActorError`` (ActorDiedError, ActorUnavailableError).
+    Before any byte of the answer exists, that is retried once (Serve routes the retry to
+    a live replica); after that, or mid-stream, it is a 503 with ``Retry-After``. A caller
+    that gives up (client gone, deadline) cancels the replica's work.
+    """
+
+    RETRIES = 1
 
     def __init__(self, handle: DeploymentHandle):
         self._handle = handle
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await self._handle.invoke.remote(method, current(), args, kwargs)
-        except BackPressureError as e:
-            raise OverloadedError(str(e)) from e
-        except Exception as e:
-            raise unwrap(e) from e
+        for attempt in range(self.RETRIES + 1):
+            response = self._handle.invoke.remote(method, current(), args, kwargs)
+            try:
+                return await response
+            except asyncio.CancelledError:
+                response.cancel()
+                raise
+            except RayActorError as e:
+                if attempt == self.RETRIES:
+                    raise self._replica_lost(e) from e
+                logger.warning("a %s replica died holding a request; retrying", self._name)
+            except BackPressureError as e:
+                raise OverloadedError(str(e), retry_after_s=e.retry_after_s) from e
+            except Exception as e:
+                raise unwrap(e) from e
+        raise AssertionError("unreachable")
 
     async def stream(self, method: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        response = cast(
-            DeploymentResponseGenerator,
-            self._handle.options(stream=True).invoke_stream.remote(method, current(), args, kwargs),
+        for attempt in range(self.RETRIES + 1):
+            response = cast(
+                DeploymentResponseGenerator,
+                self._handle.options(stream=True).invoke_stream.remote(
+                    method, current(), args, kwargs
+                ),
+            )
+            started = False
+            try:
+                async for item in response:
+                    started = True
+                    yield item
+                return
+            except RayActorError as e:
+                if started or attempt == self.RETRIES:
+                    raise self._replica_lost(e) from e
+                logger.warning("a %s replica died before streaming; retrying", self._name)
+            except BackPressureError as e:
+                raise OverloadedError(str(e), retry_after_s=e.retry_after_s) from e
+            except Exception as e:
+                raise unwrap(e) from e
+            finally:
+                # Client gone or stream done: cancel the replica-side generator (no-op if done).
+                response.cancel()
+
+    @property
+    def _name(self) -> str:
+        return str(getattr(self._handle, "deployment_name", "service"))
+
+    def _replica_lost(self, e: BaseException) -> UnavailableError:
+        return UnavailableError(
+            f"the {self._name} replica serving this request stopped ({type(e).__name__}); "
+            "retry shortly"
         )
-        try:
-            async for item in response:
-                yield item
-        except BackPressureError as e:
-            raise OverloadedError(str(e)) from e
-        except Exception as e:
-            raise unwrap(e) from e
-        finally:
-            # Client gone or stream done: cancel the replica-side generator (no-op if done).
-            response.cancel()
 
 
 def _takes_placement_group(server_class: type) -> bool:

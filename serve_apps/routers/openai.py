@@ -66,6 +66,12 @@ async def completions(ctx: AppContext, req: CompletionRequest) -> Any:
     return await client.completion(req)
 
 
+# With "stream": true the 200 is server-sent events (routers.streaming).
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}
+}
+
+
 def router(ctx: AppContext) -> APIRouter:
     api = APIRouter(tags=["openai"])
     created = int(time.time())
@@ -74,11 +80,11 @@ def router(ctx: AppContext) -> APIRouter:
     async def models() -> ModelList:
         return list_models(ctx, created)
 
-    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    @api.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAMED)
     async def chat(req: ChatCompletionRequest) -> Any:
         return await chat_completions(ctx, req)
 
-    @api.post("/v1/completions", response_model=CompletionResponse)
+    @api.post("/v1/completions", response_model=CompletionResponse, responses=STREAMED)
     async def completion(req: CompletionRequest) -> Any:
         return await completions(ctx, req)
 
