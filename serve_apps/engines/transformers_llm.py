@@ -148,7 +148,8 @@ def sample_token(row: torch.Tensor, sp: SamplingParams, generator: torch.Generat
     top = row.max()
     if not torch.isfinite(top):
         raise EngineError("the model produced no finite logit for this request")
-    probs = torch.softmax((row - top) / sp.temperature, dim=-1)
+    # float64: a float32 temperature of 1e-300 would round to 0 and make 0 / 0.
+    probs = torch.softmax((row - top).double() / sp.temperature, dim=-1)
     if sp.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         cutoff = (sorted_p.cumsum(0) - sorted_p) >= sp.top_p

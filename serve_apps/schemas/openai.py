@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from .. import constraint_limits
 from .common import Constraints, FinishReason, Seed, StrictModel, TolerantModel, Usage
 
 
@@ -39,6 +40,12 @@ class JSONSchemaFormat(TolerantModel):
     name: str = "response"
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
+
+    @field_validator("schema_")
+    @classmethod
+    def _affordable(cls, v: dict[str, Any]) -> dict[str, Any]:
+        constraint_limits.check_json_schema(v)  # as /v1/generate's constraints are checked
+        return v
 
 
 class ResponseFormat(TolerantModel):

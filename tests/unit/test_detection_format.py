@@ -177,6 +177,12 @@ def test_parses_points_and_the_parsers_docstring_example():
             {},
             id="missing-object-ref-end",
         ),
+        pytest.param(
+            "<|object_ref_start|>cat<|object_ref_end|><|box_start|><9><8><3><4>,"
+            "<5><5><5><9>,<1><2><3><2><|box_end|>",
+            {"cat": [[3, 4, 9, 8]]},
+            id="inverted-corners-swapped-zero-area-dropped",
+        ),
         pytest.param("I cannot see any cats here.", {}, id="prose"),
         pytest.param("", {}, id="empty"),
         pytest.param(

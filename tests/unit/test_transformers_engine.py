@@ -197,3 +197,46 @@ async def test_a_dead_scheduler_fails_its_requests_and_the_health_check(fresh_en
         fresh_engine.info()  # what health() calls: the replica gets replaced
     with pytest.raises(EngineError):
         await fresh_engine.generate_full(greedy("after death"))
+
+
+# ------------------------------------------------------------------ one request cannot hurt another
+async def test_a_row_that_fails_to_sample_fails_only_its_own_request(fresh_engine, monkeypatch):
+    """A poison row (here: its sampler raises, as on a NaN row) fails its request with a
+    clear error; the rows batched with it finish exactly as they would alone."""
+    import serve_apps.engines.transformers_llm as module
+
+    alone = [(await fresh_engine.generate_full(greedy(p, n=12))).token_ids for p in PROMPTS[:3]]
+    real = module.sample_token
+
+    def poisoned(row, sp, generator):
+        if sp.seed == 666:
+            raise EngineError("the model produced no finite logit for this request")
+        return real(row, sp, generator)
+
+    monkeypatch.setattr(module, "sample_token", poisoned)
+    poison = GenerationRequest(
+        "poison", SamplingParams(max_tokens=12, temperature=0.8, top_p=1.0, seed=666)
+    )
+    results = await asyncio.gather(
+        *(fresh_engine.generate_full(greedy(p, n=12)) for p in PROMPTS[:3]),
+        fresh_engine.generate_full(poison),
+        return_exceptions=True,
+    )
+    assert isinstance(results[3], EngineError) and "finite logit" in results[3].message
+    assert [r.token_ids for r in results[:3]] == alone
+    assert (await fresh_engine.generate_full(greedy("after", n=4))).completion_tokens == 4
+
+
+async def test_a_request_past_its_deadline_is_dropped_while_queued_or_running(fresh_engine):
+    import time
+
+    from serve_apps.errors import DeadlineExceededError
+
+    with pytest.raises(DeadlineExceededError, match="waited for a slot"):
+        await fresh_engine.generate_full(greedy("late", n=8, deadline=time.time() - 1))
+    before = fresh_engine.stats()["tokens_generated"]
+    with pytest.raises(DeadlineExceededError, match="while it was generating"):
+        await fresh_engine.generate_full(greedy("slow", n=2000, deadline=time.time() + 0.5))
+    # Stopped at the deadline, not after 2,000 tokens; the engine serves the next request.
+    assert fresh_engine.stats()["tokens_generated"] - before < 2000
+    assert (await fresh_engine.generate_full(greedy("next", n=3))).completion_tokens == 3
