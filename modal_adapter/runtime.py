@@ -6,18 +6,28 @@
 - :class:`IngressHost` is the base of the ingress class: ``web`` returns the same FastAPI
   app as on Ray Serve (``serve_apps.ingress.create_app``) with a :class:`ModalHandle` per
   service;
-- :class:`ModalHandle` is the Modal side of the handle seam (``serve_apps.handles``).
+- :class:`ModalHandle` is the Modal side of the handle seam (``serve_apps.handles``): a
+  call lost to Modal's infrastructure before any byte is retried once, then a 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import modal
+import modal.exception
 
-from serve_apps.errors import InvalidRequestError, unwrap
+from serve_apps.errors import (
+    DeadlineExceededError,
+    InvalidRequestError,
+    OverloadedError,
+    ServeAppError,
+    UnavailableError,
+    unwrap,
+)
 from serve_apps.request_context import RequestMeta, bind, current
 
 
@@ -102,6 +112,30 @@ class ServerHost:
             yield item
 
 
+logger = logging.getLogger(__name__)
+
+# Failures of Modal's infrastructure, not of the request: a lost connection to Modal, an
+# internal error Modal itself calls retriable, a container that went away holding the input.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    modal.exception.ConnectionError,
+    modal.exception.InternalFailure,
+    modal.exception.InternalError,
+    modal.exception.ServiceError,
+)
+
+
+def modal_error(e: BaseException, service: str) -> BaseException:
+    """The error a client gets for an exception from a Modal call: the server's own error
+    unwrapped; Modal's timeouts and quotas as 504 / 503 with ``Retry-After``."""
+    if isinstance(e, modal.exception.FunctionTimeoutError):
+        return DeadlineExceededError(f"the {service} call ran past Modal's function timeout")
+    if isinstance(e, modal.exception.ResourceExhaustedError):
+        return OverloadedError(f"Modal has no capacity for {service} now ({e}); retry shortly")
+    if isinstance(e, TRANSIENT):
+        return UnavailableError(f"the {service} container serving this request was lost; retry")
+    return unwrap(e)
+
+
 class ModalHandle:
     """:class:`serve_apps.handles.Handle` over a Modal class of this app.
 
@@ -111,36 +145,59 @@ class ModalHandle:
     raised them, unwrapped, like on Ray Serve.
     """
 
+    RETRIES = 1  # as on Ray: a call lost to Modal's infrastructure before any byte
+
     def __init__(self, modal_cls: Any, host_cls: type[ServerHost], *, local: bool):
         self._obj = modal_cls()
         self._host_cls = host_cls
         self._local = local
+        self._name = host_cls.DEPLOYMENT or "service"
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        try:
-            if self._local:
-                return await self._obj.call.local(method, args, kwargs, current())
-            return await self._obj.call.remote.aio(method, args, kwargs, current())
-        except Exception as e:
-            raise unwrap(e) from e
+        for attempt in range(self.RETRIES + 1):
+            try:
+                if self._local:
+                    return await self._obj.call.local(method, args, kwargs, current())
+                return await self._obj.call.remote.aio(method, args, kwargs, current())
+            except ServeAppError:
+                raise
+            except TRANSIENT as e:
+                if attempt == self.RETRIES:
+                    raise modal_error(e, self._name) from e
+                logger.warning("a %s call failed in Modal (%s); retrying", self._name, e)
+            except Exception as e:
+                raise modal_error(e, self._name) from e
+        raise AssertionError("unreachable")
 
     async def stream(self, method: str, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        for attempt in range(self.RETRIES + 1):
+            started = False
+            items = self._items(method, args, kwargs)
+            try:
+                async for item in items:
+                    started = True
+                    yield item
+                return
+            except ServeAppError:
+                raise
+            except TRANSIENT as e:
+                if started or attempt == self.RETRIES:
+                    raise modal_error(e, self._name) from e
+                logger.warning("a %s stream failed in Modal (%s); retrying", self._name, e)
+            except Exception as e:
+                raise modal_error(e, self._name) from e
+            finally:
+                await items.aclose()
+
+    def _items(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._local:
             # modal 1.6.4's `.local()` awaits every async method's result, and an async
             # generator cannot be awaited (modal/_functions.py, _Function.local: TypeError
             # "object async_generator can't be used in 'await' expression"). In-process we
             # iterate the same undecorated helper `stream` wraps, on a plain instance of
             # the host class; it shares the deployment's server with `.local()`.
-            items = self._host_cls()._iterate(method, args, kwargs, current())
-        else:
-            items = self._obj.stream.remote_gen.aio(method, args, kwargs, current())
-        try:
-            async for item in items:
-                yield item
-        except Exception as e:
-            raise unwrap(e) from e
-        finally:
-            await items.aclose()
+            return self._host_cls()._iterate(method, args, kwargs, current())
+        return self._obj.stream.remote_gen.aio(method, args, kwargs, current())
 
 
 class IngressHost:
