@@ -186,7 +186,10 @@ class BatchMasker:
     """Applies the grammar masks of the constrained rows of a batch to its logits."""
 
     def __init__(self, vocab_size: int):
+        # At load, not on first use: llguidance.torch imports torch.compile's machinery,
+        # seconds that would otherwise stall the first batch that has a constraint.
         import llguidance
+        import llguidance.torch
 
         self._executor = llguidance.LLExecutor()
         self._vocab_size = vocab_size

@@ -8,7 +8,9 @@ step loop over a *running batch*:
 2. one decode step runs the whole batch through the model at once: one token per row,
    each row at its own position;
 3. every row's logits are masked by its grammar (one parallel llguidance call for the
-   batch), then sampled with the row's own temperature, top-p and seeded generator;
+   batch), then the whole batch is sampled at once (:func:`sample_tokens`: one softmax,
+   one top-p cut, one inverse-CDF lookup), each row with its own temperature, top-p and
+   seeded random stream;
 4. rows that finished (EOS, stop string, grammar complete, ``max_tokens``) or whose client
    went away leave the batch, and all-padding cache columns are trimmed.
 
@@ -27,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
+import random
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -104,7 +108,7 @@ class _Sequence:
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue[Any]
     detok: IncrementalDetokenizer
-    generator: torch.Generator | None = None
+    rng: random.Random | None = None  # the row's own random stream (None: greedy)
     generated: list[int] = field(default_factory=list)
     text: str = ""
     sent_chars: int = 0
@@ -133,30 +137,44 @@ class EngineStats:
         return max(self.batch_sizes, default=0)
 
 
-def sample_token(row: torch.Tensor, sp: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from one row of logits (masked already) with the row's own sampling.
+def sample_tokens(
+    logits: torch.Tensor, params: list[SamplingParams], uniforms: list[float]
+) -> list[int | None]:
+    """One token per row of ``logits`` (batch, vocab; masked already), the whole batch at
+    once: each row with its own temperature and top-p, and ``uniforms[i]`` (the row's draw
+    in [0, 1) from its own seeded stream) picking the token by inverse CDF. ``None`` for a
+    row with no finite logit (its request fails alone).
 
-    The logits are shifted so that the largest is 0 before dividing by the temperature:
-    any positive temperature stays finite that way (1e-300 sends every other logit to
-    -inf, which is the greedy limit it means) and softmax cannot overflow. The most likely
-    token always survives top-p, whatever the precision of a tiny ``top_p``.
+    Greedy rows take the argmax. Sampled rows are shifted so that their largest logit is 0
+    and divided by the temperature, floored at 1e-30: a temperature of 1e-300 then sends
+    every other logit to -inf (the greedy limit it means) instead of rounding to 0 in
+    float32 and making 0 / 0; in float32 throughout (float64 over a 150k vocabulary costs
+    more than the model's step on a CPU). The most likely token always survives top-p,
+    whatever the precision of a tiny ``top_p``.
     """
     import torch
 
-    if sp.temperature == 0 or generator is None:
-        return int(row.argmax())
-    top = row.max()
-    if not torch.isfinite(top):
-        raise EngineError("the model produced no finite logit for this request")
-    # float64: a float32 temperature of 1e-300 would round to 0 and make 0 / 0.
-    probs = torch.softmax((row - top).double() / sp.temperature, dim=-1)
-    if sp.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        cutoff = (sorted_p.cumsum(0) - sorted_p) >= sp.top_p
-        cutoff[0] = False
-        sorted_p[cutoff] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    top, tokens = logits.max(-1)
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        temps = torch.tensor([max(params[i].temperature, 1e-30) for i in sampled])
+        shifted = logits.index_select(0, index) - top.index_select(0, index)[:, None]
+        probs = torch.softmax(shifted / temps.to(logits.device)[:, None], dim=-1)
+        top_p = [params[i].top_p for i in sampled]
+        if min(top_p) < 1.0:
+            limit = torch.tensor([p if p < 1.0 else math.inf for p in top_p])
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            cut = (sorted_p.cumsum(-1) - sorted_p) >= limit.to(logits.device)[:, None]
+            cut[:, 0] = False
+            probs = torch.zeros_like(probs).scatter_(1, order, sorted_p.masked_fill(cut, 0.0))
+        cdf = probs.cumsum(-1)
+        draws = torch.tensor([uniforms[i] for i in sampled])
+        targets = draws.to(logits.device)[:, None] * cdf[:, -1:]
+        picks = torch.searchsorted(cdf, targets, right=True).clamp_(max=logits.shape[1] - 1)
+        tokens = tokens.index_copy(0, index, picks[:, 0])
+    finite = torch.isfinite(top).tolist()
+    return [t if ok else None for t, ok in zip(tokens.tolist(), finite, strict=True)]
 
 
 def _torch_dtype(name: str):
@@ -337,20 +355,15 @@ class TransformersEngine(TokenizedEngine):
 
     async def _prepare(self, request: GenerationRequest) -> _Sequence:
         """Everything that can reject a request, done before it is queued."""
-        import torch
 
         self._check_images(request)
         self._check_prompt_length(request)
         inputs = await self._prompt_inputs(request)
         prompt_ids = inputs.ids
         matcher = await self._check_prompt(request, prompt_ids)
-        generator = None
+        rng = None
         if request.sampling.temperature > 0:
-            generator = torch.Generator(device=self.device)
-            if request.sampling.seed is not None:
-                generator.manual_seed(request.sampling.seed)
-            else:
-                generator.seed()
+            rng = random.Random(request.sampling.seed)  # None: seeded from the OS
         skip_special = request.sampling.skip_special_tokens
         return _Sequence(
             request=request,
@@ -360,7 +373,7 @@ class TransformersEngine(TokenizedEngine):
             loop=asyncio.get_running_loop(),
             outputs=asyncio.Queue(),
             detok=IncrementalDetokenizer(lambda ids: self._decode(ids, skip_special)),
-            generator=generator,
+            rng=rng,
             seen=set(prompt_ids) if request.sampling.repetition_penalty != 1.0 else set(),
         )
 
@@ -576,14 +589,41 @@ class TransformersEngine(TokenizedEngine):
         constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
         for i, error in self.masker.apply(logits, constrained):
             self._fail([seqs[i]], error)
-        for i, s in enumerate(seqs):
-            if s.done:
-                continue
-            try:
-                self._advance(s, sample_token(logits[i], s.request.sampling, s.generator))
-            except Exception as e:
-                logger.exception("sampling failed for one row; failing only its request")
-                self._fail([s], e)
+        live = [(i, s) for i, s in enumerate(seqs) if not s.done]
+        if not live:
+            return
+        rows = logits.index_select(0, torch.tensor([i for i, _ in live], device=logits.device))
+        params = [s.request.sampling for _, s in live]
+        uniforms = [s.rng.random() if s.rng is not None else 0.0 for _, s in live]
+        tokens: list[int | BaseException | None]
+        try:
+            tokens = list(sample_tokens(rows, params, uniforms))
+        except Exception:  # a bug in one row's numbers: find it, fail it alone
+            logger.exception("batched sampling failed; sampling row by row")
+            tokens = [
+                self._sample_alone(rows[k : k + 1], p, u)
+                for k, (p, u) in enumerate(zip(params, uniforms, strict=True))
+            ]
+        for (_, s), token in zip(live, tokens, strict=True):
+            if isinstance(token, BaseException):
+                self._fail([s], token)
+            elif token is None:
+                self._fail([s], EngineError("the model produced no finite logit for this request"))
+            else:
+                try:
+                    self._advance(s, token)
+                except Exception as e:
+                    logger.exception("advancing one row failed; failing only its request")
+                    self._fail([s], e)
+
+    @staticmethod
+    def _sample_alone(
+        row: torch.Tensor, params: SamplingParams, uniform: float
+    ) -> int | BaseException | None:
+        try:
+            return sample_tokens(row, [params], [uniform])[0]
+        except Exception as e:
+            return e
 
     def _advance(self, s: _Sequence, token: int) -> None:
         """Record one sampled token for ``s``, decide whether it is finished, emit a delta."""

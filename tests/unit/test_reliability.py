@@ -18,10 +18,9 @@ from serve_apps.constraint_limits import (
     regex_repeat_cost,
 )
 from serve_apps.engines.base import SamplingParams
-from serve_apps.engines.transformers_llm import sample_token
+from serve_apps.engines.transformers_llm import sample_tokens
 from serve_apps.errors import (
     DeadlineExceededError,
-    EngineError,
     OverloadedError,
     UnavailableError,
     error_body,
@@ -89,24 +88,36 @@ def test_the_wire_models_refuse_costly_constraints_with_a_400_shape():
 
 # ------------------------------------------------------------------ sampling arithmetic
 def test_a_tiny_temperature_is_the_greedy_limit_not_a_nan():
-    row = torch.tensor([1.0, 3.0, 2.0, -1.0])
-    gen = torch.Generator().manual_seed(0)
+    row = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
     sp = SamplingParams(max_tokens=1, temperature=1e-300, top_p=1.0, seed=0)
-    assert {sample_token(row, sp, gen) for _ in range(20)} == {1}
+    assert {sample_tokens(row, [sp], [u / 20])[0] for u in range(20)} == {1}
 
 
 def test_a_tiny_top_p_keeps_the_most_likely_token():
-    row = torch.tensor([0.0, 0.5, 0.25])
-    gen = torch.Generator().manual_seed(0)
+    row = torch.tensor([[0.0, 0.5, 0.25]])
     sp = SamplingParams(max_tokens=1, temperature=1.0, top_p=1e-12, seed=0)
-    assert {sample_token(row, sp, gen) for _ in range(20)} == {1}
+    assert {sample_tokens(row, [sp], [u / 20])[0] for u in range(20)} == {1}
 
 
-def test_a_row_with_no_finite_logit_is_an_engine_error():
-    row = torch.full((4,), float("-inf"))
-    sp = SamplingParams(max_tokens=1, temperature=0.7, top_p=1.0, seed=0)
-    with pytest.raises(EngineError, match="no finite logit"):
-        sample_token(row, sp, torch.Generator().manual_seed(0))
+def test_a_row_with_no_finite_logit_is_none_and_the_others_are_sampled():
+    logits = torch.tensor([[0.0, 5.0, 0.0], [float("-inf")] * 3, [9.0, 0.0, 0.0]])
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    warm = SamplingParams(max_tokens=1, temperature=0.7, seed=0)
+    assert sample_tokens(logits, [greedy, warm, warm], [0.0, 0.5, 0.5]) == [1, None, 0]
+
+
+def test_batched_sampling_follows_each_rows_distribution():
+    """Inverse CDF over the batch: each row's draw picks from its own tempered, top-p-cut
+    distribution (masked tokens, at -inf, are never picked)."""
+    logits = torch.tensor([[0.0, 0.0, float("-inf"), 0.0], [2.0, 1.0, 0.0, -9.0]])
+    uniform = SamplingParams(max_tokens=1, temperature=1.0)
+    nucleus = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.6)
+    draws = [k / 100 for k in range(100)]
+    picks = [sample_tokens(logits, [uniform, nucleus], [u, u]) for u in draws]
+    first = [p[0] for p in picks]
+    assert {t: first.count(t) for t in set(first)} == {0: 34, 1: 33, 3: 33}
+    # softmax([2, 1, 0, -9]): 0.665, 0.245, ...; top-p 0.6 keeps token 0 alone.
+    assert {p[1] for p in picks} == {0}
 
 
 # ------------------------------------------------------------------ errors

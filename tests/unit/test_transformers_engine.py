@@ -206,14 +206,13 @@ async def test_a_row_that_fails_to_sample_fails_only_its_own_request(fresh_engin
     import serve_apps.engines.transformers_llm as module
 
     alone = [(await fresh_engine.generate_full(greedy(p, n=12))).token_ids for p in PROMPTS[:3]]
-    real = module.sample_token
+    real = module.sample_tokens
 
-    def poisoned(row, sp, generator):
-        if sp.seed == 666:
-            raise EngineError("the model produced no finite logit for this request")
-        return real(row, sp, generator)
+    def poisoned(logits, params, uniforms):
+        tokens = real(logits, params, uniforms)
+        return [None if p.seed == 666 else t for p, t in zip(params, tokens, strict=True)]
 
-    monkeypatch.setattr(module, "sample_token", poisoned)
+    monkeypatch.setattr(module, "sample_tokens", poisoned)
     poison = GenerationRequest(
         "poison", SamplingParams(max_tokens=12, temperature=0.8, top_p=1.0, seed=666)
     )
