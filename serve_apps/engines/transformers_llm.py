@@ -123,6 +123,12 @@ class _Sequence:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
 
 
+def _deliver(items: list[tuple[_Sequence, Any]]) -> None:
+    """On the event loop: put one step's outputs into their requests' queues."""
+    for seq, item in items:
+        seq.outputs.put_nowait(item)
+
+
 @dataclass
 class EngineStats:
     """Counters for tests and benchmarks (read-only outside the scheduler thread)."""
@@ -212,6 +218,8 @@ class TransformersEngine(TokenizedEngine):
         self._thread: threading.Thread | None = None
         self._info: ModelInfo | None = None
         self._dead: BaseException | None = None  # set when the scheduler thread has ended
+        # Deltas of the current step, handed to the event loops together (_flush).
+        self._outbox: list[tuple[_Sequence, GenerationOutput]] = []
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -397,6 +405,7 @@ class TransformersEngine(TokenizedEngine):
             logger.exception("the engine's scheduler died")
             reason = EngineError(f"the engine stopped: {e}")
         finally:
+            self._flush()
             self._dead = reason
             self._fail([*self._active, *self._drain_waiting()], reason)
             self._active, self._cache, self._attn = [], None, None
@@ -414,6 +423,7 @@ class TransformersEngine(TokenizedEngine):
                 # (e.g. out of memory on a large image batch): only the new rows fail.
                 logger.exception("prefill failed; failing its %d new requests", len(new))
                 self._fail(new, e)
+            self._flush()  # first tokens out now, not after the decode step
         if self._active:
             try:
                 self._decode_step()
@@ -421,6 +431,22 @@ class TransformersEngine(TokenizedEngine):
                 logger.exception("decode step failed; failing the running batch")
                 self._fail(self._active, e)
                 self._active, self._cache, self._attn = [], None, None
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand the step's deltas to their event loops: one wake-up per loop and step
+        (``call_soon_threadsafe`` writes to the loop's self-pipe), not one per token."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, Any]]] = {}
+        for seq, item in self._outbox:
+            by_loop.setdefault(seq.loop, []).append((seq, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                logger.warning("dropped %d outputs for a closed event loop", len(items))
 
     @staticmethod
     def _fail(seqs: list[_Sequence], e: BaseException) -> None:
@@ -666,14 +692,17 @@ class TransformersEngine(TokenizedEngine):
         delta = s.text[s.sent_chars : upto]
         if delta or finish is not None:
             s.sent_chars = upto
-            s.emit(
-                GenerationOutput(
-                    text=delta,
-                    token_ids=s.unsent_ids,
-                    prompt_tokens=len(s.prompt_ids),
-                    completion_tokens=len(s.generated),
-                    finish_reason=finish,
-                    constraint_satisfied=satisfied,
+            self._outbox.append(
+                (
+                    s,
+                    GenerationOutput(
+                        text=delta,
+                        token_ids=s.unsent_ids,
+                        prompt_tokens=len(s.prompt_ids),
+                        completion_tokens=len(s.generated),
+                        finish_reason=finish,
+                        constraint_satisfied=satisfied,
+                    ),
                 )
             )
             s.unsent_ids = []
