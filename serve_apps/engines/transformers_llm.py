@@ -48,7 +48,13 @@ from .base import (
     deadline_error,
     eos_token_ids,
 )
-from .constraints import BatchMasker, ConstraintCompiler, constraint_satisfied, matcher_failure
+from .constraints import (
+    BatchMasker,
+    ConstraintCompiler,
+    PendingMasks,
+    constraint_satisfied,
+    matcher_failure,
+)
 from .tokenized import TokenizedEngine
 
 if TYPE_CHECKING:
@@ -121,6 +127,10 @@ class _Sequence:
 
     def emit(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+
+
+def _constrained(seqs: list[_Sequence]) -> list[tuple[int, llguidance.LLMatcher]]:
+    return [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
 
 
 def _deliver(items: list[tuple[_Sequence, Any]]) -> None:
@@ -501,16 +511,21 @@ class TransformersEngine(TokenizedEngine):
         for s in new:
             s.inputs.extras = {}  # pixel values and the like are not needed after this
         cache = DynamicCache()
-        out = self.model(
-            input_ids=ids,
-            attention_mask=attn,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **extra,
-        )
+        masks = self.masker.start(_constrained(new))  # computed while the model runs
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=attn,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+            )
+        except BaseException:
+            self.masker.settle(masks)
+            raise
         self.counters.prefill_batches += 1
-        self._sample(out.logits[:, -1, :].float(), new)
+        self._sample(out.logits[:, -1, :].float(), new, masks)
         keep = [i for i, s in enumerate(new) if not s.done]
         if not keep:
             return
@@ -556,19 +571,24 @@ class TransformersEngine(TokenizedEngine):
         attn = torch.cat(
             [self._attn, torch.ones((len(batch), 1), dtype=self._attn.dtype, device=self.device)], 1
         )
-        out = self.model(
-            input_ids=ids,
-            attention_mask=attn,
-            position_ids=positions,
-            past_key_values=self._cache,
-            use_cache=True,
-        )
+        masks = self.masker.start(_constrained(batch))  # computed while the model runs
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=attn,
+                position_ids=positions,
+                past_key_values=self._cache,
+                use_cache=True,
+            )
+        except BaseException:
+            self.masker.settle(masks)
+            raise
         self._attn = attn
         for s in batch:
             s.n_ctx += 1
         self.counters.decode_steps += 1
         self.counters.batch_sizes[len(batch)] += 1
-        self._sample(out.logits[:, -1, :].float(), batch)
+        self._sample(out.logits[:, -1, :].float(), batch, masks)
 
     def _drop_finished(self) -> None:
         """Remove finished or cancelled rows from the batch and trim all-padding columns."""
@@ -600,7 +620,9 @@ class TransformersEngine(TokenizedEngine):
         self._active = [self._active[i] for i in keep]
 
     # ----------------------------------------------------------------- sampling
-    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> None:
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[_Sequence], masks: PendingMasks | None
+    ) -> None:
         """Mask, sample and advance every row. A row that fails (its grammar hit a limit,
         its numbers went bad) fails its own request only; the batch goes on."""
         import torch
@@ -612,8 +634,7 @@ class TransformersEngine(TokenizedEngine):
                 scores = logits[i].index_select(0, seen)
                 scores = torch.where(scores < 0, scores * penalty, scores / penalty)
                 logits[i].index_copy_(0, seen, scores)
-        constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
-        for i, error in self.masker.apply(logits, constrained):
+        for i, error in self.masker.apply(logits, masks):
             self._fail([seqs[i]], error)
         live = [(i, s) for i, s in enumerate(seqs) if not s.done]
         if not live:
