@@ -4,16 +4,18 @@
     python -m bench.peers --levels 1,8 --rounds 1
 
 Both servers run side by side in one run, on the embedded smoke LLM's directory, and get
-the same requests: streamed chat completions, greedy (so both generate the same tokens),
-``max_tokens`` 64. For each concurrency level the two are measured one after the other, in
+the same requests: streamed chat completions, sampled (temperature 1, a seed per request),
+``max_tokens`` 64. (Greedy, the random-weight model repeats one whitespace token, which
+``transformers serve`` sends as a single chunk at the end: no inter-token latency.)
+For each concurrency level the two are measured one after the other, in
 alternating order per round. Reported: generated tokens/s, time to first token (TTFT) and
 inter-token latency (ITL) p50/p90, from the client's side of the HTTP stream.
 
 CPU split (stated in the output): each model computes on one thread. This project: the LLM
 replica gets 1 CPU in Ray (Ray sets its ``OMP_NUM_THREADS`` to 1), the ingress 0.1, Serve's
 proxy and controller run beside them; ``transformers serve``: one process with
-``OMP_NUM_THREADS=1``. The vLLM pair (this project's vLLM backend vs ``vllm serve``) runs
-in the vLLM lane only (``scripts/test-vllm``'s venv), with ``--peer vllm``.
+``OMP_NUM_THREADS=1``. (The vLLM pair, this project's vLLM backend vs ``vllm serve``, is
+not here: it needs the vLLM lane's venv and a machine where both fit.)
 """
 
 from __future__ import annotations
@@ -68,7 +70,8 @@ async def load(url: str, model: str, concurrency: int, requests: int) -> Run:
                 "model": model,
                 "messages": [{"role": "user", "content": f"Tell me story number {i}."}],
                 "max_tokens": MAX_TOKENS,
-                "temperature": 0,
+                "temperature": 1.0,
+                "seed": i,
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }
@@ -265,7 +268,8 @@ def report(results: dict[tuple[str, int], list[Run]], levels: list[int], opts: A
             rows,
         )
         + f"\n\n- model: the embedded smoke LLM directory (Qwen2 architecture, random weights), "
-        f"streamed chat completions, greedy, max_tokens {MAX_TOKENS}; {opts.rounds} rounds, "
+        "streamed chat completions, temperature 1 with a seed per request, "
+        f"max_tokens {MAX_TOKENS}; {opts.rounds} rounds, "
         f"alternating order; tokens/s is the median of rounds.\n"
         "- CPU split: each model computes on one thread. serve-apps: LLM replica `num_cpus: 1` "
         "(Ray sets OMP_NUM_THREADS=1), ingress 0.1, Serve's proxy and controller beside them, "

@@ -126,6 +126,20 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     constraint_satisfied: bool | None = None
 
+    @classmethod
+    def join(cls, outputs: Sequence[GenerationOutput]) -> GenerationOutput:
+        """Consecutive deltas as one: their text and ids in order, the last one's counts
+        and verdict."""
+        last = outputs[-1]
+        return cls(
+            text="".join(o.text for o in outputs),
+            token_ids=[i for o in outputs for i in o.token_ids],
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            finish_reason=last.finish_reason,
+            constraint_satisfied=last.constraint_satisfied,
+        )
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -182,22 +196,9 @@ class LLMEngine(abc.ABC):
         """Stream deltas for ``request`` (an async generator)."""
 
     async def generate_full(self, request: GenerationRequest) -> GenerationOutput:
-        text: list[str] = []
-        ids: list[int] = []
-        last: GenerationOutput | None = None
-        async for out in self.generate(request):
-            text.append(out.text)
-            ids.extend(out.token_ids)
-            last = out
-        assert last is not None and last.finish_reason is not None, "engine broke the contract"
-        return GenerationOutput(
-            text="".join(text),
-            token_ids=ids,
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            finish_reason=last.finish_reason,
-            constraint_satisfied=last.constraint_satisfied,
-        )
+        outputs = [out async for out in self.generate(request)]
+        assert outputs and outputs[-1].finish_reason is not None, "engine broke the contract"
+        return GenerationOutput.join(outputs)
 
     def stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks. Engines report at least ``tokens_generated``

@@ -364,7 +364,19 @@ class TransformersEngine(TokenizedEngine):
                 item = await seq.outputs.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                # Deltas that piled up while the consumer was busy (a slow client, the
+                # hops of a Serve graph) go out as one: one chunk to frame and send.
+                pending, error = [item], None
+                while item.finish_reason is None and not seq.outputs.empty():
+                    following = seq.outputs.get_nowait()
+                    if isinstance(following, BaseException):
+                        error = following
+                        break
+                    item = following
+                    pending.append(item)
+                yield pending[0] if len(pending) == 1 else GenerationOutput.join(pending)
+                if error is not None:
+                    raise error
                 if item.finish_reason is not None:
                     return
         finally:
