@@ -8,6 +8,10 @@ fake multi-node cluster config.
     python -m cluster fake-cluster [--config FILE] [--cloud gke] --gcs-address HOST:PORT
                                                      the fake_multinode autoscaler YAML
     python -m cluster plan [--config FILE]           the worker-group bounds and why
+    python -m cluster check-capacity [--config FILE] [--address auto]
+                                                     before `serve run` on a running Ray
+                                                     cluster: exit 1 naming a resource no
+                                                     node has (Serve would wait forever)
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     plan_cmd = sub.add_parser("plan", help="worker-group bounds per cloud, with the reasons")
     plan_cmd.add_argument("--config", type=Path, default=None)
 
+    capacity = sub.add_parser(
+        "check-capacity", help="can the running Ray cluster's nodes host every deployment?"
+    )
+    capacity.add_argument("--config", type=Path, default=None)
+    capacity.add_argument("--address", default="auto", help="the Ray cluster (default: auto)")
+
     args = parser.parse_args(argv)
     if args.command == "lint":
         return _lint(args.files)
@@ -52,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return _render(args)
     if args.command == "fake-cluster":
         return _fake(args)
+    if args.command == "check-capacity":
+        return _capacity(args)
     return _plan(args)
 
 
@@ -135,6 +147,21 @@ def _plan(args: argparse.Namespace) -> int:
             print(f, file=sys.stderr)
             status = 1
     return status
+
+
+def _capacity(args: argparse.Namespace) -> int:
+    from .capacity import live_nodes, unplaceable
+    from .render import PROD_CONFIG, load_config
+    from .serve_config import resolve_deployments
+
+    path = args.config or PROD_CONFIG
+    deployments = resolve_deployments(load_config(path)).deployments
+    problems = unplaceable(deployments, live_nodes(args.address))
+    for f in problems:
+        print(f"{path}: {f}", file=sys.stderr)
+    if not problems:
+        print(f"{path}: every deployment fits on a node of the cluster")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ class Container(K8sModel):
     name: str
     image: str
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    command: list[str] | None = None
     ports: list[ContainerPort] | None = None
     env: list[EnvVar] | None = None
     resources: ResourceRequirements
@@ -90,6 +91,7 @@ class Volume(K8sModel):
 
 class PodSpec(K8sModel):
     containers: list[Container]
+    restart_policy: Literal["Always", "OnFailure", "Never"] | None = None
     node_selector: dict[str, str] | None = None
     tolerations: list[Toleration] | None = None
     volumes: list[Volume] | None = None
@@ -115,6 +117,22 @@ class PersistentVolumeClaim(K8sModel):
     kind: Literal["PersistentVolumeClaim"] = "PersistentVolumeClaim"
     metadata: ObjectMeta
     spec: PersistentVolumeClaimSpec
+
+
+# --- batch/v1 -------------------------------------------------------------------------
+
+
+class JobSpec(K8sModel):
+    backoff_limit: int
+    ttl_seconds_after_finished: int | None = None
+    template: PodTemplateSpec
+
+
+class Job(K8sModel):
+    api_version: Literal["batch/v1"] = "batch/v1"
+    kind: Literal["Job"] = "Job"
+    metadata: ObjectMeta
+    spec: JobSpec
 
 
 # --- ray.io/v1 (KubeRay v1.7.0) -----------------------------------------------------

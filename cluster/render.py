@@ -39,6 +39,8 @@ from .k8s_models import (
     EnvVar,
     EnvVarSource,
     HeadGroupSpec,
+    Job,
+    JobSpec,
     Kustomization,
     KustomizePatch,
     ObjectMeta,
@@ -78,13 +80,35 @@ SERVE_PORT = 8000  # the port KubeRay's serve Service targets
 MODEL_CACHE_PVC = "model-cache"
 MODEL_CACHE_SIZE = "500Gi"
 MODEL_CACHE_MOUNT = "/mnt/model-cache"
+PREFETCH_JOB = f"{NAME}-prefetch"
+PREFETCH_RETRIES = 6
+
+
+# What provisions the models on each target (named by a replica whose model is missing).
+PREFETCH_COMMAND = {
+    "k8s": "the prefetch Job: kubectl delete job serve-apps-prefetch --ignore-not-found && "
+    "kubectl apply -k k8s/overlays/<cloud> (see k8s/README.md)",
+    "modal": "SERVE_APPS_MODAL_MODE=dev modal run modal_adapter/app.py::prefetch",
+}
 
 
 def model_cache_env() -> dict[str, str]:
-    """Where the caches live on the model-cache volume (KubeRay's PVC, Modal's Volume)."""
+    """Where the caches live on the model-cache volume (KubeRay's PVC, Modal's Volume):
+    the Hub cache, the prefetch manifests and smoke models, vLLM's compile cache."""
     return {
         "HF_HOME": f"{MODEL_CACHE_MOUNT}/huggingface",
         "SERVE_APPS_CACHE_DIR": f"{MODEL_CACHE_MOUNT}/serve_apps",
+        "VLLM_CACHE_ROOT": f"{MODEL_CACHE_MOUNT}/vllm",
+    }
+
+
+def replica_env(target: str) -> dict[str, str]:
+    """A model replica's environment on ``target`` (``k8s``, ``modal``): the caches, and
+    models loaded only as the prefetch left them (``serve_apps.provision``)."""
+    return {
+        **model_cache_env(),
+        "SERVE_APPS_OFFLINE_MODELS": "1",
+        "SERVE_APPS_PREFETCH_COMMAND": PREFETCH_COMMAND[target],
     }
 
 
@@ -247,17 +271,7 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
     limits = {"cpu": str(shape.pod_cpus), "memory": f"{shape.pod_memory_gib}Gi"}
     if shape.gpus:
         limits["nvidia.com/gpu"] = str(shape.gpus)
-    env = [
-        *(EnvVar(name=k, value=v) for k, v in model_cache_env().items()),
-        EnvVar(
-            name="HF_TOKEN",
-            value_from=EnvVarSource(
-                secret_key_ref=SecretKeySelector(
-                    name=HF_TOKEN_SECRET, key=HF_TOKEN_KEY, optional=True
-                )
-            ),
-        ),
-    ]
+    env = [*(EnvVar(name=k, value=v) for k, v in replica_env("k8s").items()), _hf_token()]
     return WorkerGroupSpec(
         group_name=pool.name,
         replicas=group.min_nodes,
@@ -289,15 +303,69 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
                     for t in shape.tolerations
                 ]
                 or None,
-                volumes=[
-                    Volume(
-                        name=MODEL_CACHE_PVC,
-                        persistent_volume_claim=PersistentVolumeClaimVolumeSource(
-                            claim_name=MODEL_CACHE_PVC
-                        ),
-                    )
-                ],
+                volumes=[_model_cache_volume()],
             )
+        ),
+    )
+
+
+def _hf_token() -> EnvVar:
+    """HF_TOKEN from the ``hf-token`` secret when there is one (optional: public models)."""
+    return EnvVar(
+        name="HF_TOKEN",
+        value_from=EnvVarSource(
+            secret_key_ref=SecretKeySelector(name=HF_TOKEN_SECRET, key=HF_TOKEN_KEY, optional=True)
+        ),
+    )
+
+
+def _model_cache_volume() -> Volume:
+    return Volume(
+        name=MODEL_CACHE_PVC,
+        persistent_volume_claim=PersistentVolumeClaimVolumeSource(claim_name=MODEL_CACHE_PVC),
+    )
+
+
+def prefetch_job(config: Mapping[str, Any]) -> Job:
+    """The Job that provisions every model the config names onto the model-cache PVC
+    (``python -m serve_apps.provision``; retried, and each retry resumes)."""
+    args = ((config.get("applications") or [{}])[0]).get("args") or {}
+    cpu, memory = "4", "16Gi"
+    resources = {"cpu": cpu, "memory": memory, "ephemeral-storage": "10Gi"}
+    return Job(
+        metadata=ObjectMeta(name=PREFETCH_JOB, labels={"app.kubernetes.io/name": NAME}),
+        spec=JobSpec(
+            backoff_limit=PREFETCH_RETRIES,
+            template=PodTemplateSpec(
+                spec=PodSpec(
+                    restart_policy="Never",
+                    containers=[
+                        Container(
+                            name="prefetch",
+                            image=image(),
+                            image_pull_policy="IfNotPresent",
+                            command=[
+                                "python",
+                                "-m",
+                                "serve_apps.provision",
+                                "--args-json",
+                                json.dumps(args, sort_keys=True),
+                            ],
+                            env=[
+                                *(EnvVar(name=k, value=v) for k, v in model_cache_env().items()),
+                                _hf_token(),
+                            ],
+                            resources=ResourceRequirements(
+                                requests=dict(resources), limits=resources
+                            ),
+                            volume_mounts=[
+                                VolumeMount(name=MODEL_CACHE_PVC, mount_path=MODEL_CACHE_MOUNT)
+                            ],
+                        )
+                    ],
+                    volumes=[_model_cache_volume()],
+                )
+            ),
         ),
     )
 
@@ -343,9 +411,12 @@ def render_tree(config_path: Path = PROD_CONFIG) -> dict[str, str]:
     base = render_rayservice(config, None).rayservice.dump()
     files = {
         "base/kustomization.yaml": to_yaml(
-            Kustomization(resources=["rayservice.yaml", "model-cache-pvc.yaml"]).dump(),
+            Kustomization(
+                resources=["rayservice.yaml", "model-cache-pvc.yaml", "prefetch-job.yaml"]
+            ).dump(),
             header=HEADER,
         ),
+        "base/prefetch-job.yaml": to_yaml(prefetch_job(config).dump(), header=HEADER),
         "base/rayservice.yaml": to_yaml(base, header=HEADER),
         "base/model-cache-pvc.yaml": to_yaml(model_cache_pvc(None).dump(), header=HEADER),
     }

@@ -44,6 +44,8 @@ PLAN_ENV = "SERVE_APPS_MODAL_PLAN"  # the baked plan (JSON), set in the image
 REQUEST_TIMEOUT_S = 600
 # Container start to ready: a GPU class downloads (first time) and loads its model.
 STARTUP_TIMEOUT_S = {"gpu": 1800, "cpu": 600}
+# The prefetch function: the largest model is 65 GB (Qwen2.5-Coder-32B).
+PREFETCH_TIMEOUT_S = 4 * 3600
 # Modal's allowed scale-down windows.
 SCALEDOWN_RANGE = (2, 3600)
 MODE_SCALEDOWN_S: dict[str, int | None] = {"dev": 60, "demo": 900, "prod": None}
@@ -65,6 +67,9 @@ class ModalSettings(BaseSettings):
     config: Path = REPO / "cluster" / "serve-prod.yaml"
     mode: Mode = "dev"
     app_name: str = Field(default="serve-apps", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    # A Modal secret holding HF_TOKEN, for gated or private models: only the prefetch
+    # function downloads, so only it gets the secret. Unset: public models, no secret.
+    hf_secret: str | None = Field(default=None, min_length=1)
 
 
 class ClassPlan(StrictModel):
@@ -118,7 +123,7 @@ class AppPlan(StrictModel):
     volume_name: str
     volume_mount: str
     env: dict[str, str]
-    secrets: list[str]
+    secrets: list[str]  # Modal secret names the prefetch function gets (none: public models)
     image: ImagePlan
 
     @property
@@ -199,11 +204,21 @@ def image_plan(args: Any) -> ImagePlan:
     return ImagePlan(pip=pip, constraints="requirements/gpu-constraints.txt", commands=commands)
 
 
-def make_plan(config: dict[str, Any], mode: Mode, app_name: str, source: str) -> AppPlan:
+def package_data() -> list[str]:
+    """The non-Python files the packages read at run time (pyproject's package-data, what
+    a wheel ships), as patterns relative to a package directory: the Modal source mount
+    keeps these besides the ``.py`` files."""
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    return sorted({p for patterns in tool["package-data"].values() for p in patterns})
+
+
+def make_plan(
+    config: dict[str, Any], mode: Mode, app_name: str, source: str, hf_secret: str | None = None
+) -> AppPlan:
     """The Modal app for a Serve config. Raises :class:`PlanError` for what cannot deploy."""
     from cluster.findings import errors
     from cluster.lint import lint_config
-    from cluster.render import HF_TOKEN_SECRET, MODEL_CACHE_MOUNT, model_cache_env
+    from cluster.render import MODEL_CACHE_MOUNT, replica_env
     from cluster.serve_config import resolve_deployments
     from serve_apps.registry import INGRESS, AppArgs
 
@@ -219,7 +234,6 @@ def make_plan(config: dict[str, Any], mode: Mode, app_name: str, source: str) ->
         _class_plan(s.name, s.key, cfg.model_dump(mode="json"), resolved[s.name], mode)
         for s, cfg in args.enabled()
     ]
-    from_hub = any(getattr(cfg, "model", None) for _, cfg in args.enabled())
     return AppPlan(
         app_name=app_name,
         mode=mode,
@@ -229,8 +243,8 @@ def make_plan(config: dict[str, Any], mode: Mode, app_name: str, source: str) ->
         deployments=deployments,
         volume_name=f"{app_name}-model-cache",
         volume_mount=MODEL_CACHE_MOUNT,
-        env=model_cache_env(),
-        secrets=[HF_TOKEN_SECRET] if from_hub else [],
+        env=replica_env("modal"),
+        secrets=[hf_secret] if hf_secret else [],
         image=image_plan(args),
     )
 
@@ -245,4 +259,6 @@ def plan_from_settings(settings: ModalSettings | None = None) -> AppPlan:
     config, findings = load_yaml(settings.config.read_text())
     if findings or not isinstance(config, dict):
         raise PlanError(f"{settings.config}:\n" + "\n".join(str(f) for f in findings))
-    return make_plan(config, settings.mode, settings.app_name, str(settings.config))
+    return make_plan(
+        config, settings.mode, settings.app_name, str(settings.config), settings.hf_secret
+    )

@@ -41,7 +41,18 @@ class Settings(BaseSettings):
 
     cache_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "serve_apps",
-        description="where the smoke models are built and kept",
+        description="where the smoke models are built and kept (and the prefetch manifests)",
+    )
+    offline_models: bool = Field(
+        default=False,
+        description="load Hub models and the SAM checkpoint only as `python -m "
+        "serve_apps.provision` left them on the model cache, never from the network "
+        "(set on Modal and KubeRay; serve_apps/provision.py)",
+    )
+    prefetch_command: str = Field(
+        default="python -m serve_apps.provision --config <your Serve config>",
+        description="the command that provisions the models here, named by the error a "
+        "replica raises when its model is not on the cache",
     )
 
 

@@ -190,13 +190,20 @@ def vllm_ray_serve_url(ray_cluster):
     serve.shutdown()
 
 
-def load_modal_app(config: Path, mode: str, module_name: str, plan_json: str | None = None):
+def load_modal_app(
+    config: Path,
+    mode: str,
+    module_name: str,
+    plan_json: str | None = None,
+    env: dict[str, str] | None = None,
+):
     """Import modal_adapter/app.py the way `modal deploy` does (as a file), for a Serve
-    config and mode, or (``plan_json``) the way a container does, from a baked plan."""
+    config and mode, or (``plan_json``) the way a container does, from a baked plan.
+    ``env``: more ``SERVE_APPS_MODAL_*`` settings."""
     import importlib.util
     import sys
 
-    env = {"SERVE_APPS_MODAL_CONFIG": str(config), "SERVE_APPS_MODAL_MODE": mode}
+    env = {**(env or {}), "SERVE_APPS_MODAL_CONFIG": str(config), "SERVE_APPS_MODAL_MODE": mode}
     if plan_json is not None:
         env["SERVE_APPS_MODAL_PLAN"] = plan_json
     saved = {k: os.environ.get(k) for k in [*env, "SERVE_APPS_MODAL_PLAN"]}

@@ -44,8 +44,17 @@ BACKENDS: dict[str, Backend] = {
 
 
 def resolve_model(config: ModelConfig, settings: Settings) -> str:
-    """The ``from_pretrained`` argument for a model config: its id/path, or the smoke model."""
+    """The ``from_pretrained`` argument for a model config: its id/path, or the smoke model.
+
+    With ``settings.offline_models`` a Hub model resolves to its provisioned snapshot
+    directory (``serve_apps.provision``), or fails naming the prefetch command.
+    """
     if config.model is not None:
+        if settings.offline_models:
+            from ..provision import HubModel, hub_snapshot, is_hub_id
+
+            if is_hub_id(config.model):
+                return str(hub_snapshot(HubModel(config.model, config.revision), settings))
         return config.model
     from .smoke import smoke_llm_path, smoke_vl_path
 

@@ -129,6 +129,13 @@ class SegmenterServer:
         from ..engines.segmenter import Segmenter
 
         checkpoint = self.config.checkpoint
+        if checkpoint is not None and self._settings.offline_models:
+            from ..provision import Checkpoint, model_assets
+            from ..provision import checkpoint as provisioned
+
+            for asset in model_assets(self.config):  # an official checkpoint: prefetched
+                if isinstance(asset, Checkpoint):
+                    checkpoint = str(provisioned(asset, self._settings))
         if checkpoint is None:
             from ..engines.smoke import smoke_sam_checkpoint
 

@@ -15,6 +15,7 @@ from cluster.render import (
     OVERLAYS,
     drift,
     model_cache_pvc,
+    prefetch_job,
     render_rayservice,
     render_tree,
 )
@@ -64,6 +65,8 @@ def test_the_base_validates(rayservice_schema):
     assert kuberay_checks(rs) == []
     (pvc,) = _docs(K8S_DIR / "base/model-cache-pvc.yaml")
     kubernetes_validate.validate(pvc, K8S_VERSION, strict=True)
+    (job,) = _docs(K8S_DIR / "base/prefetch-job.yaml")
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
 
 
 @pytest.mark.parametrize("cloud", list(OVERLAYS))
@@ -77,8 +80,10 @@ def test_each_overlay_builds_validates_and_equals_the_direct_rendering(
         check=True,
     )
     docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
-    assert set(docs) == {"RayService", "PersistentVolumeClaim"}
+    assert set(docs) == {"RayService", "PersistentVolumeClaim", "Job"}
     rs, pvc = docs["RayService"], docs["PersistentVolumeClaim"]
+    kubernetes_validate.validate(docs["Job"], K8S_VERSION, strict=True)
+    assert docs["Job"] == prefetch_job(prod_config).dump()
     assert validate(rs, rayservice_schema) == []
     assert kuberay_checks(rs) == []
     kubernetes_validate.validate(pvc, K8S_VERSION, strict=True)
@@ -112,3 +117,30 @@ def test_the_k8s_readme_names_every_overlay():
     text = (REPO / "k8s/README.md").read_text()
     for overlay in OVERLAYS.values():
         assert f"k8s/overlays/{overlay}" in text
+
+
+def test_the_prefetch_job_fetches_what_the_config_names_onto_the_workers_volume(prod_config):
+    import json
+
+    from serve_apps import provision
+    from serve_apps.registry import AppArgs
+
+    job = prefetch_job(prod_config).dump()
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"][:4] == ["python", "-m", "serve_apps.provision", "--args-json"]
+    args = AppArgs.model_validate(json.loads(container["command"][4]))
+    prod_args = AppArgs.model_validate(prod_config["applications"][0]["args"])
+    assert provision.assets(args) == provision.assets(prod_args) != []
+    env = {e["name"]: e for e in container["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert "SERVE_APPS_OFFLINE_MODELS" not in env  # it is the one that downloads
+    rs = render_rayservice(prod_config, "gke").rayservice.dump()
+    for group in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        worker = group["template"]["spec"]["containers"][0]
+        wenv = {e["name"]: e.get("value") for e in worker["env"]}
+        assert wenv["SERVE_APPS_OFFLINE_MODELS"] == "1"
+        for name in ("HF_HOME", "SERVE_APPS_CACHE_DIR", "VLLM_CACHE_ROOT"):
+            assert wenv[name] == env[name]["value"]
+        assert worker["volumeMounts"] == container["volumeMounts"]
+        assert group["template"]["spec"]["volumes"] == pod["volumes"]
