@@ -198,3 +198,12 @@ class Kustomization(K8sModel):
     kind: Literal["Kustomization"] = "Kustomization"
     resources: list[str]
     patches: list[KustomizePatch] | None = None
+
+
+class KustomizeComponent(K8sModel):
+    """A kustomize Component: resources and patches an overlay opts into (``components:``)."""
+
+    api_version: Literal["kustomize.config.k8s.io/v1alpha1"] = "kustomize.config.k8s.io/v1alpha1"
+    kind: Literal["Component"] = "Component"
+    resources: list[str] | None = None
+    patches: list[KustomizePatch]

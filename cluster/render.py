@@ -24,6 +24,7 @@ equals :func:`render_rayservice` for that cloud (a test checks it).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from .k8s_models import (
     Job,
     JobSpec,
     Kustomization,
+    KustomizeComponent,
     KustomizePatch,
     ObjectMeta,
     PersistentVolumeClaim,
@@ -63,7 +65,7 @@ from .k8s_models import (
 )
 from .lint import lint_config
 from .placement import GroupBounds, plan
-from .pools import CLOUDS, Cloud
+from .pools import CLOUDS, RAY_OBJECT_STORE_SHARE, Cloud, NodeShape
 from .serve_config import load_yaml, resolve_deployments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +82,7 @@ SERVE_PORT = 8000  # the port KubeRay's serve Service targets
 MODEL_CACHE_PVC = "model-cache"
 MODEL_CACHE_SIZE = "500Gi"
 MODEL_CACHE_MOUNT = "/mnt/model-cache"
+LOCAL_SCRATCH_GIB = {"gpu": 30, "cpu": 10}  # logs, /tmp, compiled kernels (ephemeral_storage_gib)
 PREFETCH_JOB = f"{NAME}-prefetch"
 PREFETCH_RETRIES = 6
 
@@ -271,6 +274,8 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
     limits = {"cpu": str(shape.pod_cpus), "memory": f"{shape.pod_memory_gib}Gi"}
     if shape.gpus:
         limits["nvidia.com/gpu"] = str(shape.gpus)
+    # Local disk is asked for, not capped (no limit: a pod past it is not evicted).
+    requests = {**limits, "ephemeral-storage": f"{ephemeral_storage_gib(shape)}Gi"}
     env = [*(EnvVar(name=k, value=v) for k, v in replica_env("k8s").items()), _hf_token()]
     return WorkerGroupSpec(
         group_name=pool.name,
@@ -291,7 +296,7 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
                         image_pull_policy="IfNotPresent",
                         ports=[ContainerPort(container_port=SERVE_PORT, name="serve")],
                         env=env,
-                        resources=ResourceRequirements(requests=dict(limits), limits=limits),
+                        resources=ResourceRequirements(requests=requests, limits=limits),
                         volume_mounts=[
                             VolumeMount(name=MODEL_CACHE_PVC, mount_path=MODEL_CACHE_MOUNT)
                         ],
@@ -307,6 +312,16 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
             )
         ),
     )
+
+
+def ephemeral_storage_gib(shape: NodeShape) -> int:
+    """A worker pod's local disk. The weights are not on it: they are on the model-cache
+    PVC, with vLLM's compile cache, and safetensors are memory-mapped from there (nothing
+    is staged locally). What is local: Ray's object spilling (up to the object store, a
+    share of the pod's memory), and Ray's logs, /tmp and the kernels torch/Triton
+    compile (:data:`LOCAL_SCRATCH_GIB`)."""
+    spill = math.ceil(shape.pod_memory_gib * RAY_OBJECT_STORE_SHARE)
+    return spill + LOCAL_SCRATCH_GIB["gpu" if shape.gpus else "cpu"]
 
 
 def _hf_token() -> EnvVar:
@@ -381,6 +396,137 @@ def model_cache_pvc(cloud: Cloud | None) -> PersistentVolumeClaim:
     )
 
 
+# --- optional components ---------------------------------------------------------------
+
+# GCS fault tolerance (KubeRay's high-availability sample): the head's GCS keeps its state
+# in an external Redis, so a head restart does not restart the GPU workers.
+REDIS_NAME = f"{NAME}-redis"
+REDIS_PORT = 6379
+REDIS_IMAGE = "redis:7.4.0"
+# kubectl create secret generic serve-apps-redis --from-literal=password="$(openssl rand -hex 24)"
+REDIS_SECRET, REDIS_SECRET_KEY = REDIS_NAME, "password"
+# Incremental upgrades: a new cluster grows step by step while traffic moves to it, at
+# most maxSurgePercent more capacity at a time (instead of a whole second cluster).
+INCREMENTAL_UPGRADE = {
+    "gatewayClassName": "istio",
+    "stepSizePercent": 25,
+    "intervalSeconds": 60,
+    "maxSurgePercent": 25,
+}
+COMPONENTS = ("gcs-ft", "incremental-upgrade")
+
+
+def _rayservice_patch(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": NAME},
+        "spec": spec,
+    }
+
+
+def gcs_ft_objects() -> list[dict[str, Any]]:
+    """The Redis the GCS stores its state in: a Service and a one-replica Deployment with
+    an append-only file, its password from the ``serve-apps-redis`` secret."""
+    labels = {"app.kubernetes.io/name": REDIS_NAME}
+    password = {"secretKeyRef": {"name": REDIS_SECRET, "key": REDIS_SECRET_KEY}}
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": REDIS_NAME, "labels": labels},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": labels,
+            "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": REDIS_PORT}],
+        },
+    }
+    container = {
+        "name": "redis",
+        "image": REDIS_IMAGE,
+        "command": ["redis-server"],
+        "args": [
+            "--appendonly",
+            "yes",
+            "--dir",
+            "/data",
+            "--port",
+            str(REDIS_PORT),
+            "--requirepass",
+            "$(REDIS_PASSWORD)",
+        ],
+        "env": [{"name": "REDIS_PASSWORD", "valueFrom": password}],
+        "ports": [{"containerPort": REDIS_PORT, "name": "redis"}],
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "1Gi"},
+            "limits": {"cpu": "1", "memory": "2Gi"},
+        },
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": REDIS_NAME, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [container], "volumes": [{"name": "data", "emptyDir": {}}]},
+            },
+        },
+    }
+    return [service, deployment]
+
+
+def gcs_ft_patch() -> dict[str, Any]:
+    return _rayservice_patch(
+        {
+            "rayClusterConfig": {
+                "gcsFaultToleranceOptions": {
+                    "redisAddress": f"{REDIS_NAME}:{REDIS_PORT}",
+                    "redisPassword": {
+                        "valueFrom": {
+                            "secretKeyRef": {"name": REDIS_SECRET, "key": REDIS_SECRET_KEY}
+                        }
+                    },
+                }
+            }
+        }
+    )
+
+
+def incremental_upgrade_patch() -> dict[str, Any]:
+    return _rayservice_patch(
+        {
+            "upgradeStrategy": {
+                "type": "NewClusterWithIncrementalUpgrade",
+                "clusterUpgradeOptions": dict(INCREMENTAL_UPGRADE),
+            }
+        }
+    )
+
+
+def component_files() -> dict[str, str]:
+    """``components/<name>/...``: what an overlay adds with ``components:``."""
+    return {
+        "components/gcs-ft/kustomization.yaml": to_yaml(
+            KustomizeComponent(
+                resources=["redis.yaml"], patches=[KustomizePatch(path="rayservice.yaml")]
+            ).dump(),
+            header=HEADER,
+        ),
+        "components/gcs-ft/redis.yaml": to_yaml(*gcs_ft_objects(), header=HEADER),
+        "components/gcs-ft/rayservice.yaml": to_yaml(gcs_ft_patch(), header=HEADER),
+        "components/incremental-upgrade/kustomization.yaml": to_yaml(
+            KustomizeComponent(patches=[KustomizePatch(path="rayservice.yaml")]).dump(),
+            header=HEADER,
+        ),
+        "components/incremental-upgrade/rayservice.yaml": to_yaml(
+            incremental_upgrade_patch(), header=HEADER
+        ),
+    }
+
+
 # --- YAML output ------------------------------------------------------------------------
 
 
@@ -448,11 +594,16 @@ def render_tree(config_path: Path = PROD_CONFIG) -> dict[str, str]:
         )
         files[f"overlays/{overlay}/workers.yaml"] = to_yaml(workers_patch, header=HEADER)
         files[f"overlays/{overlay}/storage.yaml"] = to_yaml(storage_patch, header=HEADER)
+    files.update(component_files())
     return files
 
 
 def rendered_dirs() -> list[str]:
-    return ["base", *(f"overlays/{o}" for o in OVERLAYS.values())]
+    return [
+        "base",
+        *(f"overlays/{o}" for o in OVERLAYS.values()),
+        *(f"components/{c}" for c in COMPONENTS),
+    ]
 
 
 def write_tree(files: Mapping[str, str], root: Path = K8S_DIR) -> None:

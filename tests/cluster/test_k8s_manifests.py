@@ -144,3 +144,77 @@ def test_the_prefetch_job_fetches_what_the_config_names_onto_the_workers_volume(
             assert wenv[name] == env[name]["value"]
         assert worker["volumeMounts"] == container["volumeMounts"]
         assert group["template"]["spec"]["volumes"] == pod["volumes"]
+
+
+@pytest.mark.parametrize("cloud", list(OVERLAYS))
+def test_the_optional_components_build_onto_each_overlay_and_validate(
+    cloud, kubectl, rayservice_schema, tmp_path
+):
+    import os
+
+    from cluster.render import COMPONENTS, INCREMENTAL_UPGRADE, REDIS_NAME
+
+    # A user's overlay: the cloud overlay plus both components (k8s/README.md).
+    mine = tmp_path / "my-overlay"
+    mine.mkdir()
+    rel = lambda p: os.path.relpath(p, mine)  # noqa: E731 - kustomize takes relative paths
+    (mine / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": [rel(K8S_DIR / "overlays" / OVERLAYS[cloud])],
+                "components": [rel(K8S_DIR / "components" / c) for c in COMPONENTS],
+            }
+        )
+    )
+    out = subprocess.run(
+        [kubectl, "kustomize", str(mine)], capture_output=True, text=True, check=True
+    )
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out.stdout) if d}
+    rs = docs[("RayService", "serve-apps")]
+    assert validate(rs, rayservice_schema) == []
+    assert kuberay_checks(rs) == []
+    ft = rs["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] == f"{REDIS_NAME}:6379"
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"]["name"] == REDIS_NAME
+    assert rs["spec"]["upgradeStrategy"] == {
+        "type": "NewClusterWithIncrementalUpgrade",
+        "clusterUpgradeOptions": INCREMENTAL_UPGRADE,
+    }
+    # The patches add, they do not replace: the workers are the overlay's.
+    assert rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    for kind in ("Service", "Deployment"):
+        kubernetes_validate.validate(docs[(kind, REDIS_NAME)], K8S_VERSION, strict=True)
+    # The password comes from the user's secret, never from the repository.
+    (redis,) = docs[("Deployment", REDIS_NAME)]["spec"]["template"]["spec"]["containers"]
+    assert redis["args"][redis["args"].index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert redis["env"][0]["valueFrom"]["secretKeyRef"]["name"] == REDIS_NAME
+
+
+def test_incremental_upgrade_options_are_checked_as_kuberay_does(prod_config):
+    from cluster.render import incremental_upgrade_patch
+
+    rs = render_rayservice(prod_config, "gke").rayservice.dump()
+    rs["spec"]["upgradeStrategy"] = {"type": "NewClusterWithIncrementalUpgrade"}
+    assert kuberay_checks(rs) == ["NewClusterWithIncrementalUpgrade needs clusterUpgradeOptions"]
+    rs["spec"]["upgradeStrategy"] = incremental_upgrade_patch()["spec"]["upgradeStrategy"]
+    assert kuberay_checks(rs) == []
+    rs["spec"]["upgradeStrategy"]["clusterUpgradeOptions"]["maxSurgePercent"] = 150
+    del rs["spec"]["upgradeStrategy"]["clusterUpgradeOptions"]["gatewayClassName"]
+    problems = kuberay_checks(rs)
+    assert any("maxSurgePercent 150" in p for p in problems)
+    assert any("gatewayClassName" in p for p in problems)
+
+
+def test_workers_ask_for_local_disk_without_a_cap(prod_config):
+    from cluster.render import ephemeral_storage_gib
+
+    for cloud in OVERLAYS:
+        rs = render_rayservice(prod_config, cloud).rayservice.dump()
+        for group in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+            resources = group["template"]["spec"]["containers"][0]["resources"]
+            assert resources["requests"]["ephemeral-storage"].endswith("Gi")
+            assert "ephemeral-storage" not in resources["limits"]
+    from cluster.pools import A100_40GB, CPU
+
+    gpu, cpu = A100_40GB.shape("gke"), CPU.shape("gke")
+    assert ephemeral_storage_gib(gpu) > ephemeral_storage_gib(cpu)
