@@ -64,7 +64,7 @@ from .k8s_models import (
     WorkerGroupSpec,
 )
 from .lint import lint_config
-from .placement import GroupBounds, plan
+from .placement import GroupBounds, marker_resources, plan
 from .pools import CLOUDS, RAY_OBJECT_STORE_SHARE, Cloud, NodeShape
 from .serve_config import load_yaml, resolve_deployments
 
@@ -285,7 +285,9 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
         ray_start_params={
             "num-cpus": str(shape.pod_cpus),
             "num-gpus": str(shape.gpus),
-            "resources": ray_start_resources({pool.ray_resource: 1}),
+            "resources": ray_start_resources(
+                {k: int(v) for k, v in marker_resources(pool, shape).items()}
+            ),
         },
         template=PodTemplateSpec(
             spec=PodSpec(
