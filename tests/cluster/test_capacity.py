@@ -58,4 +58,5 @@ def test_the_cli_fails_fast_on_a_running_plain_ray_cluster(tmp_path):
         if started:
             ray.shutdown()
     assert out.returncode == 1, out.stdout + out.stderr
-    assert "LLM: no node has GPU" in out.stderr and "accelerator_type:A100-80G" in out.stderr
+    llm = next(line for line in out.stderr.splitlines() if "LLM: no node has" in line)
+    assert "GPU (a replica needs GPU: 1)" in llm and "accelerator_type:A100-80G" in llm
