@@ -590,7 +590,7 @@ def modal_classes(
     plan = make_plan(dict(config), "prod", "cost", "<config>")
     out = []
     for c in plan.classes:
-        hosted = list(getattr(c, "hosts", None) or [c.name])
+        hosted = [s.name for s in c.servers] or [c.name]
         gpu = c.gpu[0] if isinstance(c.gpu, list) else c.gpu
         count = 1
         if gpu and ":" in gpu:
