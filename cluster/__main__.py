@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     cost.add_argument("--cloud", choices=CLOUDS, action="append", help="default: both")
     cost.add_argument("--plot", type=Path, help="write a PNG (needs the `cost` extra)")
+    cost.add_argument(
+        "--node-discount",
+        type=float,
+        default=0.0,
+        help="share off every KubeRay node's list price (spot ~0.6); Modal stays at list",
+    )
     cost.add_argument("--no-break-even", action="store_true", help="skip the break-even search")
 
     args = parser.parse_args(argv)
@@ -195,7 +201,7 @@ def _cost(args: argparse.Namespace) -> int:
                 service_s[name] = -1.0
             if not sep or not service_s[name] > 0:
                 raise CostInputError(f"--service-time {item!r}: give NAME=SECONDS (> 0)")
-        prices = load_prices(args.prices)
+        prices = load_prices(args.prices).with_node_discount(args.node_discount)
         config = load_config(args.config or PROD_CONFIG)
         deployments = serve_deployments(config, service_s)
         names = [d.name for d in deployments]
@@ -218,7 +224,10 @@ def _cost(args: argparse.Namespace) -> int:
     except (CostInputError, RenderError) as e:
         print(f"cost: {e}", file=sys.stderr)
         return 2
-    print(f"prices: {args.prices or 'cluster/prices.yaml'} (list prices of {prices.date})")
+    print(
+        f"prices: {args.prices or 'cluster/prices.yaml'} (list prices of {prices.date}"
+        + (f", nodes {args.node_discount:.0%} off)" if args.node_discount else ")")
+    )
     print(format_report(cmp))
     targets = [r.target for r in cmp.results if r.target != "modal"]
     be = {} if args.no_break_even else break_even(simulate, trace, targets)

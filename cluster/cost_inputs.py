@@ -19,6 +19,7 @@ Standard library and PyYAML only.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import io
 import math
@@ -74,6 +75,13 @@ class Prices:
 
     def node(self, cloud: Cloud, instance_type: str) -> float:
         return self.nodes[cloud][instance_type]
+
+    def with_node_discount(self, share: float) -> Prices:
+        """Every node ``share`` cheaper (spot: about 0.6; committed use: 0.37-0.55)."""
+        if not 0 <= share < 1:
+            raise CostInputError(f"--node-discount: a share in [0, 1), got {share!r}")
+        nodes = {c: {k: v * (1 - share) for k, v in t.items()} for c, t in self.nodes.items()}
+        return dataclasses.replace(self, nodes=nodes)
 
 
 def _price(value: Any, where: str) -> float:

@@ -449,6 +449,14 @@ def test_price_table_errors(old: str, new: str, message: str):
     assert message in str(e.value) and str(e.value).startswith("p.yaml: ")
 
 
+def test_node_discount_changes_nodes_only():
+    p = load_prices().with_node_discount(0.6)
+    assert p.node("gke", "a2-ultragpu-1g") == pytest.approx(0.001408 * 0.4)
+    assert p.modal_gpu == load_prices().modal_gpu
+    with pytest.raises(CostInputError, match="--node-discount: a share in"):
+        load_prices().with_node_discount(1.0)
+
+
 def test_price_table_not_yaml_or_missing(tmp_path: Path):
     with pytest.raises(CostInputError, match="not YAML"):
         parse_prices("a: [", "p.yaml")
