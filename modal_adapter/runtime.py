@@ -168,9 +168,7 @@ class ModalHandle:
 
     RETRIES = 1  # as on Ray: a call lost to Modal's infrastructure before any byte
 
-    def __init__(
-        self, modal_cls: Any, host_cls: type[ServerHost], deployment: str, *, local: bool
-    ):
+    def __init__(self, modal_cls: Any, host_cls: type[ServerHost], deployment: str, *, local: bool):
         self._obj = modal_cls()
         self._host_cls = host_cls
         self._deployment = deployment
