@@ -20,10 +20,11 @@ classes load only what the prefetch put on the Volume (``serve_apps.provision``)
 
 Nothing here knows about models or pipelines. The Serve config becomes a plan
 (``modal_adapter.plan``): for every service of ``serve_apps.registry`` the config turns
-on, a Modal class with the deployment's GPU (from the node-pool table), container bounds,
-concurrency and scale-down window; and an ``Ingress`` class that serves the same FastAPI
-app as the Ray Serve ingress, calling the other classes through the handle seam. The plan
-is baked into the image, so every container rebuilds exactly these classes.
+on (or every group packed on one GPU), a Modal class with the deployment's GPU (from the
+node-pool table), container bounds, concurrency and scale-down window; and an ``Ingress``
+class that serves the same FastAPI app as the Ray Serve ingress, calling the other classes
+through the handle seam. The plan is baked into the image, so every container rebuilds
+exactly these classes.
 """
 
 from __future__ import annotations
@@ -90,13 +91,19 @@ def _register(
     return modal_cls, host
 
 
-# One class per deployment the config turns on: LLM, Codegen, Detector, SAM, Grounder.
-SERVICES = {
-    plan.service: _register(
-        plan, ServerHost, {"DEPLOYMENT": plan.name, "CONFIG": plan.config}, models=True
+# One class per deployment the config turns on (LLM, Codegen, Grounder), or per packed
+# group (DetectorSAM: both servers in one container, on one GPU).
+CLASSES = {
+    plan.name: _register(
+        plan, ServerHost, {"SERVERS": {s.name: s.config for s in plan.servers}}, models=True
     )
     for plan in PLAN.deployments
-    if plan.service is not None
+}
+# service key -> (Modal class, host class, deployment name): what the ingress calls.
+SERVICES = {
+    server.service: (*CLASSES[plan.name], server.name)
+    for plan in PLAN.deployments
+    for server in plan.servers
 }
 Ingress, _ = _register(
     PLAN.ingress, IngressHost, {"ARGS": PLAN.args, "SERVICES": SERVICES}, models=False

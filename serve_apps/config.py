@@ -308,6 +308,32 @@ class ImageLimits(StrictModel):
     max_redirects: int = Field(default=3, ge=0, le=10)
 
 
+class ModalClassOverride(StrictModel):
+    """One Modal class's autoscaling, where it should differ from the Serve deployment's
+    (``modal_adapter.plan``, prod mode). Unset fields follow the deployment."""
+
+    min_containers: int | None = Field(default=None, ge=0, description="warm containers")
+    max_containers: int | None = Field(default=None, ge=1)
+    scaledown_window: int | None = Field(
+        default=None, ge=2, le=3600, description="seconds a container idles before it stops"
+    )
+
+
+class ModalArgs(StrictModel):
+    """What only the Modal target reads (Ray Serve ignores this section)."""
+
+    classes: dict[str, ModalClassOverride] = Field(
+        default_factory=dict,
+        description="per deployment name (Ingress included): overrides of its Modal class",
+    )
+    pack_fractional_gpus: bool = Field(
+        default=True,
+        description="deployments on a fraction of the same GPU type share one class (one "
+        "container, one GPU) when their fractions add up to 1 or less, as they share a node "
+        "on Ray; false: one class each, each with a whole GPU",
+    )
+
+
 class Limits(StrictModel):
     """Per-request limits the ingress enforces before any model sees the request."""
 

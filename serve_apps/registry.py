@@ -42,6 +42,7 @@ from .config import (
     GrounderConfig,
     ImageLimits,
     Limits,
+    ModalArgs,
     ModelConfig,
     SAMConfig,
     Settings,
@@ -178,6 +179,7 @@ class AppArgsBase(StrictModel):
 
     limits: Limits = Limits()
     images: ImageLimits = ImageLimits()
+    modal: ModalArgs = ModalArgs()
 
     def config(self, spec: ServiceSpec[C, Any]) -> C | None:
         """The config of one service (None when it is off), typed by its entry."""
@@ -195,6 +197,14 @@ class AppArgsBase(StrictModel):
     def model_configs(self) -> dict[str, ModelConfig]:
         """Key -> model config, for every LLM-style service that is on."""
         return {s.key: cfg for s, cfg in self.enabled() if isinstance(cfg, ModelConfig)}
+
+    @model_validator(mode="after")
+    def _modal_classes_exist(self) -> AppArgsBase:
+        names = [INGRESS, *(s.name for s in self.SERVICES)]
+        unknown = sorted(set(self.modal.classes) - set(names))
+        if unknown:
+            raise ValueError(f"modal.classes: no deployment named {unknown}; deployments: {names}")
+        return self
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> AppArgsBase:

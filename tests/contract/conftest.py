@@ -66,12 +66,8 @@ async def api(request):
         transport = httpx.ASGITransport(app=module.Ingress().web.local())
         async with ContractClient(args, transport=transport, base_url="http://modal") as c:
             yield c
-        from modal_adapter.runtime import ServerHost
-
-        for _, host in module.SERVICES.values():
-            server = ServerHost._servers.pop(host, None)
-            if server is not None:
-                await server.shutdown()
+        for _, host in module.CLASSES.values():
+            await host.shutdown_all()
     else:
         raise pytest.UsageError(f"unknown contract target {request.param!r}")
 
