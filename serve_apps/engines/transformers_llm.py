@@ -336,8 +336,10 @@ class TransformersEngine(TokenizedEngine):
             "constraint_cache": {"hits": self.compiler.hits, "misses": self.compiler.misses},
             # Rows in the running batch and requests waiting to join it, right now.
             "active": len(getattr(self, "_active", ())),
-            "waiting": self._waiting.qsize(),
-            "in_flight": len(getattr(self, "_active", ())) + self._waiting.qsize(),
+            "waiting": self._waiting.qsize() + len(self._held),
+            "in_flight": len(getattr(self, "_active", ()))
+            + self._waiting.qsize()
+            + len(self._held),
             **({"adapters": self._adapters.stats()} if self._adapters else {}),
         }
 
