@@ -189,3 +189,18 @@ def test_adapter_names_route_to_their_service_and_clash_with_no_other_name():
         AppArgs.model_validate(
             {"llm": {"served_model_name": "base", "adapters": [{"name": "smoke-codegen"}]}}
         )
+
+
+def test_hub_adapters_are_provisioned_like_hub_models():
+    from serve_apps.provision import HubModel, model_assets
+
+    config = ModelConfig(
+        served_model_name="m",
+        model="org/base",
+        revision="abc",
+        adapters=[
+            AdapterConfig(name="a", path="org/lora-a", revision="def"),
+            AdapterConfig(name="b", path="/models/lora-b"),
+        ],
+    )
+    assert model_assets(config) == [HubModel("org/base", "abc"), HubModel("org/lora-a", "def")]
