@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from .errors import DeadlineExceededError
 from .handles import Handle
@@ -107,6 +107,13 @@ async def _stream_within_deadline(items: AsyncIterator[R]) -> AsyncIterator[R]:
 
 class LLMClient(Client):
     """An LLM-style service (llm, codegen; the detector is one too)."""
+
+    def for_model(self, model_id: str) -> Self:
+        """This client with its calls routed for ``model_id`` (an adapter's name): where the
+        handle can route by model (Ray Serve's multiplexing), to the replicas that already
+        hold it; elsewhere (in-process, Modal) the same handle: the same class serves it."""
+        route = getattr(self.handle, "for_model", None)
+        return self if route is None else type(self)(route(model_id))
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         return await self._call(LLMServer.chat, req)

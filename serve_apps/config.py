@@ -93,6 +93,42 @@ class VLLMOptions(StrictModel):
     )
 
 
+SMOKE_ADAPTER_DESCRIPTION = (
+    "smoke LoRA adapter: a real PEFT LoRA with random weights (B non-zero) on the smoke "
+    "model, built by this project from a fixed seed. Its answers differ from the base "
+    "model's and are as meaningless."
+)
+
+
+class AdapterConfig(StrictModel):
+    """A LoRA adapter of a model, served as a model name of its own.
+
+    Requests whose ``model`` is ``name`` run on the base model with this adapter applied
+    (transformers: PEFT, several adapters in one batch; vLLM: its LoRA support).
+    """
+
+    name: str = Field(min_length=1, description="the served model name of base + adapter")
+    path: str | None = Field(
+        default=None,
+        min_length=1,
+        description="local directory or Hub id of a PEFT LoRA adapter; null = the smoke "
+        "adapter this project builds (only on the smoke model)",
+    )
+    revision: str | None = Field(default=None, description="Hub revision of ``path``")
+    seed: int = Field(default=0, ge=0, description="seed of the smoke adapter (path: null)")
+
+    @property
+    def is_smoke(self) -> bool:
+        return self.path is None
+
+    @property
+    def description(self) -> str:
+        if self.is_smoke:
+            return SMOKE_ADAPTER_DESCRIPTION
+        at = f" at revision {self.revision}" if self.revision else ""
+        return f"LoRA adapter {self.path}{at}"
+
+
 class ModelConfig(StrictModel):
     """One LLM-style model and the engine that serves it."""
 
@@ -114,6 +150,21 @@ class ModelConfig(StrictModel):
     trust_remote_code: bool = False
     vllm: VLLMOptions | None = Field(
         default=None, description="vLLM engine options; only with backend: vllm"
+    )
+
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list,
+        description="LoRA adapters served as model names of their own (text models)",
+    )
+    max_loaded_adapters: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="adapters one replica holds at once (LRU); more are loaded on first use "
+        "(Ray Serve multiplexing routes a name to the replicas that hold it)",
+    )
+    max_lora_rank: int = Field(
+        default=16, ge=1, le=512, description="vLLM: the largest adapter rank it reserves for"
     )
 
     # Image-text models: bounds of the processor's pixel budget per image (Qwen-VL
@@ -151,7 +202,30 @@ class ModelConfig(StrictModel):
         given = self.image_min_pixels is not None or self.image_max_pixels is not None
         if given and self.modality != "image-text":
             raise ValueError("image_min_pixels / image_max_pixels need modality: image-text")
+        if self.adapters:
+            if self.modality != "text":
+                raise ValueError("adapters are served on text models only (modality: text)")
+            names = [a.name for a in self.adapters]
+            if len(set(names)) != len(names) or self.served_model_name in names:
+                raise ValueError(
+                    "adapter names must differ from each other and from served_model_name"
+                )
+            smoke = [a.name for a in self.adapters if a.is_smoke]
+            if smoke and not self.is_smoke:
+                raise ValueError(
+                    f"adapters {smoke} are smoke adapters (path: null), which only fit the "
+                    "smoke model (model: null); give each a path"
+                )
         return self
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every model name this service answers to: its own, then its adapters'."""
+        return [self.served_model_name, *(a.name for a in self.adapters)]
+
+    def adapter(self, name: str) -> AdapterConfig | None:
+        """The adapter served as ``name`` (None: the base model's name or no adapter)."""
+        return next((a for a in self.adapters if a.name == name), None)
 
     @property
     def is_smoke(self) -> bool:
@@ -183,6 +257,10 @@ class ModelConfig(StrictModel):
                 "max_model_len": None,
                 "image_min_pixels": None,
                 "image_max_pixels": None,
+                # Every adapter becomes a smoke adapter of its own seed, names kept.
+                "adapters": [
+                    AdapterConfig(name=a.name, seed=i) for i, a in enumerate(self.adapters)
+                ],
             }
         )
 

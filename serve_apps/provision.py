@@ -119,8 +119,15 @@ def is_hub_id(model: str) -> bool:
 
 def model_assets(cfg: object) -> list[Asset]:
     """What one service's config loads from outside the image."""
-    if isinstance(cfg, ModelConfig) and cfg.model is not None and is_hub_id(cfg.model):
-        return [HubModel(cfg.model, cfg.revision)]
+    if isinstance(cfg, ModelConfig):
+        found: list[Asset] = (
+            [HubModel(cfg.model, cfg.revision)] if cfg.model and is_hub_id(cfg.model) else []
+        )
+        # LoRA adapters on the Hub are snapshots too (replicas load them offline).
+        found += [
+            HubModel(a.path, a.revision) for a in cfg.adapters if a.path and is_hub_id(a.path)
+        ]
+        return found
     if isinstance(cfg, SAMConfig) and cfg.checkpoint is not None:
         if cfg.model_type not in SAM_CHECKPOINTS:
             return []

@@ -65,6 +65,11 @@ class RayHandle:
     def __init__(self, handle: DeploymentHandle):
         self._handle = handle
 
+    def for_model(self, model_id: str) -> RayHandle:
+        """This handle with Ray Serve's multiplexed model id set: requests go to replicas
+        that already hold ``model_id`` (an adapter), see ``Replica.invoke``."""
+        return RayHandle(self._handle.options(multiplexed_model_id=model_id))
+
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         for attempt in range(self.RETRIES + 1):
             response = self._handle.invoke.remote(method, current(), args, kwargs)
@@ -146,8 +151,23 @@ def _replica_class(spec: ServiceSpec[Any, Any]) -> type:
             placement_group = get_current_placement_group()
             if placement_group is not None and _takes_placement_group(server_class):
                 kwargs["placement_group"] = placement_group
-            super().__init__(server_class.config_type.model_validate(config), **kwargs)
+            parsed = server_class.config_type.model_validate(config)
+            super().__init__(parsed, **kwargs)
             await self.start()
+            self._multiplexed: Any = None
+            if isinstance(parsed, ModelConfig) and parsed.adapters:
+                # Ray Serve's model multiplexing: the adapters this replica holds (an LRU
+                # of max_loaded_adapters, the engine's own bound) are reported to the
+                # routers, which send requests for one to the replicas holding it.
+                server = self
+
+                async def hold(model_id: str) -> str:
+                    held: str = await server.hold_adapter(model_id)
+                    return held
+
+                self._multiplexed = serve.multiplexed(
+                    max_num_models_per_replica=parsed.max_loaded_adapters
+                )(hold)
 
         async def check_health(self) -> None:
             # Ray calls this periodically; a dead engine makes the replica unhealthy.
@@ -159,14 +179,27 @@ def _replica_class(spec: ServiceSpec[Any, Any]) -> type:
             """What every RayHandle call arrives as: the request's meta bound, then the
             server's ``method``."""
             with bind(meta):
+                await self._hold_multiplexed()
                 return await _server_method(self, method)(*args, **kwargs)
 
         async def invoke_stream(
             self, method: str, meta: RequestMeta | None, args: tuple[Any, ...], kwargs: Any
         ) -> AsyncIterator[Any]:
             with bind(meta):
+                await self._hold_multiplexed()
                 async for item in _server_method(self, method)(*args, **kwargs):
                     yield item
+
+        async def _hold_multiplexed(self) -> None:
+            """Mark the request's adapter (its multiplexed model id) used on this replica."""
+            model_id = serve.get_multiplexed_model_id()
+            if model_id and self._multiplexed is not None:
+                await self._multiplexed(model_id)
+
+        async def replica_stats(self) -> dict[str, Any]:
+            """The server's stats and which replica answered (tests, benchmarks)."""
+            stats: dict[str, Any] = await self.stats()
+            return {"replica": serve.get_replica_context().replica_id.unique_id, **stats}
 
     Replica.__name__ = Replica.__qualname__ = f"{spec.name}Replica"
     return Replica

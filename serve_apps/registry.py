@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field, create_model, model_validator
 
 from .clients import Client, DetectorClient, GrounderClient, LLMClient, SegmenterClient
 from .config import (
+    AdapterConfig,
     DetectorConfig,
     GrounderConfig,
     ImageLimits,
@@ -92,7 +93,10 @@ LLM = ServiceSpec(
     name="LLM",
     key="llm",
     config_type=ModelConfig,
-    default=ModelConfig(served_model_name="smoke-llm"),
+    # The embedded default ships one smoke LoRA adapter, served as "smoke-llm-lora".
+    default=ModelConfig(
+        served_model_name="smoke-llm", adapters=[AdapterConfig(name="smoke-llm-lora")]
+    ),
     server=LLMServer,
     client=LLMClient,
     description="chat and completions",
@@ -208,10 +212,10 @@ class AppArgsBase(StrictModel):
 
     @model_validator(mode="after")
     def _unique_model_names(self) -> AppArgsBase:
-        names = [cfg.served_model_name for cfg in self.model_configs().values()]
+        names = [n for cfg in self.model_configs().values() for n in cfg.served_names]
         if len(set(names)) != len(names):
             keys = ", ".join(self.model_configs())
-            raise ValueError(f"{keys} need different served_model_name values")
+            raise ValueError(f"{keys} need different served_model_name values and adapter names")
         return self
 
 
@@ -302,8 +306,10 @@ class AppContext:
 
     @cached_property
     def model_services(self) -> dict[str, str]:
-        """Served model name -> service key, for every LLM-style service."""
-        return {cfg.served_model_name: key for key, cfg in self.args.model_configs().items()}
+        """Served model name -> service key, for every LLM-style service and adapter."""
+        return {
+            name: key for key, cfg in self.args.model_configs().items() for name in cfg.served_names
+        }
 
     def model_client(
         self, model: str | None, default: ServiceSpec[Any, LLMClient]
@@ -326,6 +332,9 @@ class AppContext:
             )
         found = self.clients[key]
         assert isinstance(found, LLMClient)
+        config = self.args.model_configs()[key]
+        if model != config.served_model_name:  # an adapter: route by its name
+            found = found.for_model(model)
         return key, found
 
     def routers(self) -> list[APIRouter]:

@@ -80,7 +80,12 @@ def free_port() -> int:
 
 # The app the HTTP contract suite runs against, on every target: smoke models, small limits.
 CONTRACT_ARGS = {
-    "llm": {"served_model_name": "smoke-llm", "default_max_tokens": 16},
+    # One smoke LoRA adapter, served as a model of its own on every target.
+    "llm": {
+        "served_model_name": "smoke-llm",
+        "default_max_tokens": 16,
+        "adapters": [{"name": "smoke-llm-lora"}],
+    },
     "codegen": {"served_model_name": "smoke-codegen", "default_max_tokens": 64},
     "limits": {"max_tokens": 512, "max_request_bytes": 65536},
     "detector": {

@@ -40,7 +40,7 @@ from __future__ import annotations
 import abc
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Self
 
@@ -49,6 +49,7 @@ from ..request_context import current
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
+    from .adapters import AdapterSource
 
 FinishReason = Literal["stop", "length"]
 ConstraintKind = Literal["json_schema", "regex", "grammar"]
@@ -98,6 +99,8 @@ class GenerationRequest:
     images: Sequence[Any] = ()
     # Chat prompts come out of the chat template with their special tokens already in.
     add_special_tokens: bool = True
+    # The LoRA adapter (its served name) this request runs with; None: the base model.
+    adapter: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Wall-clock time (time.time()) past which nobody waits for the answer; None: never.
     deadline: float | None = field(default_factory=lambda: _current_deadline())
@@ -158,13 +161,24 @@ class LLMEngine(abc.ABC):
     """Base class of every LLM engine; see the module docstring for the contract."""
 
     @classmethod
-    def from_config(cls, config: ModelConfig, model: str, *, placement_group: Any = None) -> Self:
+    def from_config(
+        cls,
+        config: ModelConfig,
+        model: str,
+        *,
+        placement_group: Any = None,
+        adapters: Mapping[str, AdapterSource] | None = None,
+    ) -> Self:
         """The engine for a model config and its resolved ``model`` id or path.
 
         Engines with options of their own override this; ``placement_group`` is what the
-        serving target reserved for an engine's workers (only vLLM uses it).
+        serving target reserved for an engine's workers (only vLLM uses it); ``adapters``
+        the config's LoRA adapters with their resolved paths (engines that serve them).
         """
-        return cls(model, **common_options(config))  # type: ignore[call-arg]
+        options = common_options(config)
+        if adapters:
+            options.update(adapters=adapters, max_loaded_adapters=config.max_loaded_adapters)
+        return cls(model, **options)  # type: ignore[call-arg]
 
     @abc.abstractmethod
     async def start(self) -> None:

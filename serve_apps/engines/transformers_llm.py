@@ -34,11 +34,12 @@ import queue
 import random
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EngineError, OverloadedError, ServeAppError
+from .adapters import AdapterSource, PeftAdapters, unknown_adapter
 from .base import (
     FinishReason,
     GenerationOutput,
@@ -213,6 +214,8 @@ class TransformersEngine(TokenizedEngine):
         dtype: str = "auto",
         device: str = "auto",
         trust_remote_code: bool = False,
+        adapters: Mapping[str, AdapterSource] | None = None,
+        max_loaded_adapters: int = 4,
     ):
         super().__init__()
         self.model_name_or_path = model
@@ -230,6 +233,9 @@ class TransformersEngine(TokenizedEngine):
         self._dead: BaseException | None = None  # set when the scheduler thread has ended
         # Deltas of the current step, handed to the event loops together (_flush).
         self._outbox: list[tuple[_Sequence, GenerationOutput]] = []
+        # LoRA adapters (PEFT); requests waiting for one to be free to load (scheduler).
+        self._adapters = PeftAdapters(adapters, max_loaded_adapters) if adapters else None
+        self._held: list[_Sequence] = []
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -257,7 +263,8 @@ class TransformersEngine(TokenizedEngine):
             revision=self.revision,
             trust_remote_code=self._trust_remote_code,
         )
-        self.model = self._load_model().to(self.device).eval()
+        model = self._load_model().to(self.device)
+        self.model = (self._adapters.wrap(model) if self._adapters else model).eval()
         self.compiler = ConstraintCompiler.for_hf_tokenizer(self.tokenizer)
         self.masker = BatchMasker(self.compiler.vocab_size)
 
@@ -329,8 +336,11 @@ class TransformersEngine(TokenizedEngine):
             "constraint_cache": {"hits": self.compiler.hits, "misses": self.compiler.misses},
             # Rows in the running batch and requests waiting to join it, right now.
             "active": len(getattr(self, "_active", ())),
-            "waiting": self._waiting.qsize(),
-            "in_flight": len(getattr(self, "_active", ())) + self._waiting.qsize(),
+            "waiting": self._waiting.qsize() + len(self._held),
+            "in_flight": len(getattr(self, "_active", ()))
+            + self._waiting.qsize()
+            + len(self._held),
+            **({"adapters": self._adapters.stats()} if self._adapters else {}),
         }
 
     async def shutdown(self) -> None:
@@ -387,6 +397,10 @@ class TransformersEngine(TokenizedEngine):
         """Everything that can reject a request, done before it is queued."""
 
         self._check_images(request)
+        if request.adapter is not None:
+            if self._adapters is None:
+                raise unknown_adapter(request.adapter, ())
+            self._adapters.check(request.adapter)
         self._check_prompt_length(request)
         inputs = await self._prompt_inputs(request)
         prompt_ids = inputs.ids
@@ -429,7 +443,7 @@ class TransformersEngine(TokenizedEngine):
         finally:
             self._flush()
             self._dead = reason
-            self._fail([*self._active, *self._drain_waiting()], reason)
+            self._fail([*self._active, *self._held, *self._drain_waiting()], reason)
             self._active, self._cache, self._attn = [], None, None
 
     def _step(self, new: list[_Sequence]) -> None:
@@ -437,6 +451,8 @@ class TransformersEngine(TokenizedEngine):
         late = [s for s in self._active if not s.done and s.request.past_deadline()]
         self._fail(late, deadline_error("while it was generating"))
         self._drop_finished()
+        if new and self._adapters is not None:
+            new = self._admit_adapters(new)
         if new:
             try:
                 self._prefill(new)
@@ -491,7 +507,8 @@ class TransformersEngine(TokenizedEngine):
     def _take_new(self) -> list[_Sequence] | None:
         """New sequences to admit; blocks while idle. None means shut down."""
         room = self.max_batch_size - len(self._active)
-        new: list[_Sequence] = []
+        # Requests held back for an adapter (see _admit_adapters) come first.
+        new, self._held = self._held[:room], self._held[room:]
         block = not self._active
         while len(new) < room:
             try:
@@ -532,6 +549,7 @@ class TransformersEngine(TokenizedEngine):
                 use_cache=True,
                 logits_to_keep=1,
                 **extra,
+                **self._adapter_kwargs(new),
             )
         except BaseException:
             self.masker.settle(masks)
@@ -591,6 +609,7 @@ class TransformersEngine(TokenizedEngine):
                 position_ids=positions,
                 past_key_values=self._cache,
                 use_cache=True,
+                **self._adapter_kwargs(batch),
             )
         except BaseException:
             self.masker.settle(masks)
@@ -601,6 +620,35 @@ class TransformersEngine(TokenizedEngine):
         self.counters.decode_steps += 1
         self.counters.batch_sizes[len(batch)] += 1
         self._sample(out.logits[:, -1, :].float(), batch, masks)
+
+    # ----------------------------------------------------------------- adapters
+    def _admit_adapters(self, new: list[_Sequence]) -> list[_Sequence]:
+        """The new rows whose adapter is (now) loaded; the others are held back until a
+        loaded adapter is free to make room (grouping instead of breaking the bound)."""
+        assert self._adapters is not None
+        in_use = {s.request.adapter for s in self._active if s.request.adapter is not None}
+        admitted: list[_Sequence] = []
+        for s in new:
+            if s.cancelled:
+                continue
+            if s.request.past_deadline():
+                self._fail([s], deadline_error("while it waited for its adapter to load"))
+                continue
+            name = s.request.adapter
+            if name is None or self._adapters.acquire(name, in_use):
+                admitted.append(s)
+                if name is not None:
+                    in_use.add(name)
+                    self._adapters.requests[name] += 1
+            else:
+                self._held.append(s)
+        return admitted
+
+    def _adapter_kwargs(self, seqs: list[_Sequence]) -> dict[str, Any]:
+        """``adapter_names`` (one per row) for a forward pass when the model has adapters."""
+        if self._adapters is None:
+            return {}
+        return {"adapter_names": self._adapters.row_names(s.request.adapter for s in seqs)}
 
     def _drop_finished(self) -> None:
         """Remove finished or cancelled rows from the batch and trim all-padding columns."""

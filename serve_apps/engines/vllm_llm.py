@@ -20,7 +20,12 @@ module adapts it to :mod:`serve_apps.engines.base`:
   honestly: vLLM does not expose its matcher, so the finished token ids are replayed
   through our own matcher (microseconds per token);
 - closing the iterator (client disconnect) closes vLLM's generator, which aborts the
-  request in the engine core and frees its KV blocks.
+  request in the engine core and frees its KV blocks;
+- LoRA adapters (``ModelConfig.adapters``) map onto vLLM's own LoRA support: the engine
+  starts with ``enable_lora`` (``max_loras``: adapters in one batch on the GPU,
+  ``max_cpu_loras``: all of them kept in host memory), and a request for an adapter
+  carries its ``LoRARequest`` (a stable integer id per adapter, in config order);
+  :func:`lora_engine_args` and :func:`lora_request_args` are that mapping.
 
 vLLM is imported only when this engine starts, and only if the config selects it.
 """
@@ -30,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 from ..errors import (
@@ -41,6 +46,7 @@ from ..errors import (
     OverloadedError,
     ServeAppError,
 )
+from .adapters import unknown_adapter
 from .base import (
     Constraint,
     FinishReason,
@@ -58,6 +64,7 @@ if TYPE_CHECKING:
     import llguidance
 
     from ..config import ModelConfig
+    from .adapters import AdapterSource
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +113,52 @@ def _satisfied(
     return constraint_satisfied(matcher, stopped_by_string), matcher.is_stopped()
 
 
+def lora_engine_args(
+    adapters: Mapping[str, AdapterSource], max_loaded: int, max_rank: int
+) -> dict[str, Any]:
+    """vLLM engine args that serve ``adapters`` (none: LoRA stays off)."""
+    if not adapters:
+        return {}
+    return {
+        "enable_lora": True,
+        # Adapters in one batch (GPU slots); the others wait in host memory.
+        "max_loras": min(max_loaded, len(adapters)),
+        "max_cpu_loras": len(adapters),
+        "max_lora_rank": max_rank,
+    }
+
+
+def lora_request_args(adapters: Mapping[str, AdapterSource]) -> dict[str, dict[str, Any]]:
+    """Adapter name -> ``LoRARequest`` arguments: a stable id (1, 2, ... in config order;
+    vLLM keys its adapter cache by it) and the weights' path."""
+    return {
+        name: {"lora_name": name, "lora_int_id": i, "lora_path": source.path}
+        for i, (name, source) in enumerate(adapters.items(), start=1)
+    }
+
+
+def local_adapter_path(source: AdapterSource) -> str:
+    """A local directory for an adapter: its path, or its Hub id downloaded at ``revision``
+    (vLLM itself downloads Hub adapters without a revision)."""
+    if os.path.isdir(source.path):
+        return source.path
+    from huggingface_hub import snapshot_download
+
+    return str(snapshot_download(source.path, revision=source.revision))
+
+
 class VLLMEngine(TokenizedEngine):
     """A causal LM served by vLLM's ``AsyncLLM`` behind the engine contract."""
 
     @classmethod
-    def from_config(cls, config: ModelConfig, model: str, *, placement_group: Any = None) -> Self:
+    def from_config(
+        cls,
+        config: ModelConfig,
+        model: str,
+        *,
+        placement_group: Any = None,
+        adapters: Mapping[str, AdapterSource] | None = None,
+    ) -> Self:
         opts = config.vllm_options
         return cls(
             model,
@@ -121,6 +169,9 @@ class VLLMEngine(TokenizedEngine):
             quantization=opts.quantization,
             enforce_eager=opts.enforce_eager,
             placement_group=placement_group,
+            adapters=adapters,
+            max_loaded_adapters=config.max_loaded_adapters,
+            max_lora_rank=config.max_lora_rank,
         )
 
     def __init__(
@@ -140,8 +191,13 @@ class VLLMEngine(TokenizedEngine):
         quantization: str | None = None,
         enforce_eager: bool = False,
         placement_group: Any = None,
+        adapters: Mapping[str, AdapterSource] | None = None,
+        max_loaded_adapters: int = 4,
+        max_lora_rank: int = 16,
     ):
         super().__init__()
+        self.adapters = dict(adapters or {})
+        self._lora_requests: dict[str, Any] = {}  # name -> LoRARequest (made at start)
         self.model_name_or_path = model
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -168,6 +224,7 @@ class VLLMEngine(TokenizedEngine):
                 "disable_any_whitespace": not JSON_DEFAULTS["whitespace_flexible"],
             },
         }
+        engine_kwargs.update(lora_engine_args(self.adapters, max_loaded_adapters, max_lora_rank))
         if gpu_memory_utilization is not None:
             engine_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if placement_group is not None and device != "cpu":
@@ -209,6 +266,12 @@ class VLLMEngine(TokenizedEngine):
             self._build, AsyncEngineArgs(**kwargs), UsageContext.ENGINE_CONTEXT, AsyncLLM
         )
         self._load_tokenizer_facts()
+        if self.adapters:
+            from vllm.lora.request import LoRARequest
+
+            for name, args in lora_request_args(self.adapters).items():
+                path = await asyncio.to_thread(local_adapter_path, self.adapters[name])
+                self._lora_requests[name] = LoRARequest(**{**args, "lora_path": path})
 
     def _build(self, args: Any, usage_context: Any, async_llm: Any) -> Any:
         vllm_config = args.create_engine_config(usage_context)
@@ -276,7 +339,10 @@ class VLLMEngine(TokenizedEngine):
         # Already tokenized: handed over as an engine input (vLLM 0.33 deprecates raw
         # prompts, token-id dicts included, in favour of rendered inputs like this one).
         stream = self._llm.generate(
-            tokens_input(prompt_ids, prompt=request.prompt), sampling, request.request_id
+            tokens_input(prompt_ids, prompt=request.prompt),
+            sampling,
+            request.request_id,
+            lora_request=self._lora_requests.get(request.adapter or ""),
         )
         generated: list[int] = []
         unsent: list[int] = []  # token ids whose text vLLM holds back (partial UTF-8, stops)
@@ -355,6 +421,8 @@ class VLLMEngine(TokenizedEngine):
 
     async def _prepare(self, request: GenerationRequest) -> tuple[list[int], Any, Any]:
         """Everything that can reject a request, done before it reaches vLLM."""
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise unknown_adapter(request.adapter, self.adapters)
         from vllm import SamplingParams
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind

@@ -17,7 +17,7 @@ from ..engines.base import (
     LLMEngine,
     SamplingParams,
 )
-from ..errors import InvalidRequestError, UnsupportedError
+from ..errors import InvalidRequestError, ModelNotFoundError, UnsupportedError
 from ..schemas.common import Constraints, Usage
 from ..schemas.generate import GenerateMetadata, GenerateRequest, GenerateResponse
 from ..schemas.openai import (
@@ -85,11 +85,12 @@ class LLMServer:
         if self.engine is None:
             import asyncio
 
-            from ..engines import create_llm_engine, resolve_model
+            from ..engines import create_llm_engine, resolve_adapters, resolve_model
 
             model = await asyncio.to_thread(resolve_model, self.config, self._settings)
+            adapters = await asyncio.to_thread(resolve_adapters, self.config, self._settings)
             self.engine = create_llm_engine(
-                self.config, model, placement_group=self._placement_group
+                self.config, model, placement_group=self._placement_group, adapters=adapters
             )
         await self.engine.start()
         logger.info("%s ready", self.config.served_model_name)
@@ -110,6 +111,34 @@ class LLMServer:
     async def shutdown(self) -> None:
         if self.engine is not None:
             await self.engine.shutdown()
+
+    # ------------------------------------------------------------- adapters
+    def _adapter(self, model: str | None) -> str | None:
+        """The adapter a request's ``model`` names (None: the base model)."""
+        if model is None or model == self.config.served_model_name:
+            return None
+        if self.config.adapter(model) is None:
+            raise ModelNotFoundError(
+                f"model {model!r} is not served by this service; it serves "
+                f"{self.config.served_names}",
+                param="model",
+            )
+        return model
+
+    def _model_name(self, model: str | None) -> str:
+        """The served name a response carries: the adapter's, or the base model's."""
+        return self._adapter(model) or self.config.served_model_name
+
+    async def hold_adapter(self, name: str) -> str:
+        """What Ray Serve's multiplexing calls when a replica first serves adapter ``name``:
+        checks the name (the engine loads the weights when a request first needs them, see
+        :mod:`serve_apps.engines.adapters`) and returns it."""
+        if self._adapter(name) is None:
+            raise ModelNotFoundError(f"{name!r} is not an adapter of this model", param="model")
+        logger.info(
+            "%s: adapter %s is now held by this replica", self.config.served_model_name, name
+        )
+        return name
 
     # ------------------------------------------------------------- requests
     def _sampling(self, req: SamplingFields, max_tokens: int | None) -> SamplingParams:
@@ -151,6 +180,7 @@ class LLMServer:
             constraint=_constraint(req.effective_constraints()),
             images=images,
             add_special_tokens=False,
+            adapter=self._adapter(req.model),
         )
 
     def _render_chat(self, messages: list[dict[str, Any]]) -> str:
@@ -171,6 +201,7 @@ class LLMServer:
             prompt=req.prompt_text(),
             sampling=self._sampling(req, req.requested_max_tokens()),
             constraint=_constraint(req.effective_constraints()),
+            adapter=self._adapter(req.model),
         )
 
     # --------------------------------------------------------------- OpenAI
@@ -180,7 +211,7 @@ class LLMServer:
         return ChatCompletionResponse(
             id=f"chatcmpl-{gen.request_id}",
             created=int(time.time()),
-            model=self.config.served_model_name,
+            model=self._model_name(req.model),
             choices=[
                 ChatChoice(
                     message=AssistantMessage(content=out.text),
@@ -194,7 +225,7 @@ class LLMServer:
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         gen = await self._chat_request(req)
         created, rid = int(time.time()), f"chatcmpl-{gen.request_id}"
-        model = self.config.served_model_name
+        model = self._model_name(req.model)
 
         def chunk(delta: DeltaMessage, out: GenerationOutput | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(
@@ -225,12 +256,17 @@ class LLMServer:
             )
 
     def _completion(
-        self, rid: str, created: int, out: GenerationOutput, usage: Usage | None = None
+        self,
+        rid: str,
+        created: int,
+        model: str,
+        out: GenerationOutput,
+        usage: Usage | None = None,
     ) -> CompletionResponse:
         return CompletionResponse(
             id=rid,
             created=created,
-            model=self.config.served_model_name,
+            model=model,
             choices=[
                 CompletionChoice(
                     text=out.text,
@@ -244,7 +280,13 @@ class LLMServer:
     async def completion(self, req: CompletionRequest) -> CompletionResponse:
         gen = self._completion_request(req)
         out = await self._engine.generate_full(gen)
-        return self._completion(f"cmpl-{gen.request_id}", int(time.time()), out, _usage(out))
+        return self._completion(
+            f"cmpl-{gen.request_id}",
+            int(time.time()),
+            self._model_name(req.model),
+            out,
+            _usage(out),
+        )
 
     async def completion_stream(self, req: CompletionRequest) -> AsyncIterator[CompletionResponse]:
         gen = self._completion_request(req)
@@ -252,12 +294,12 @@ class LLMServer:
         last: GenerationOutput | None = None
         async for out in self._engine.generate(gen):
             last = out
-            yield self._completion(rid, created, out)
+            yield self._completion(rid, created, self._model_name(req.model), out)
         if last is not None and req.stream_options and req.stream_options.include_usage:
             yield CompletionResponse(
                 id=rid,
                 created=created,
-                model=self.config.served_model_name,
+                model=self._model_name(req.model),
                 choices=[],
                 usage=_usage(last),
             )
@@ -276,6 +318,7 @@ class LLMServer:
             ),
             constraint=constraint,
             request_id=uuid.uuid4().hex,
+            adapter=self._adapter(req.model),
         )
         t0 = time.perf_counter()
         out = await self._engine.generate_full(gen)
@@ -288,7 +331,7 @@ class LLMServer:
             constraint_satisfied=bool(out.constraint_satisfied),
             finish_reason=out.finish_reason,
             metadata=GenerateMetadata(
-                model=self.config.served_model_name,
+                model=self._model_name(req.model),
                 constraint_type=constraint.kind,
                 prompt_tokens=out.prompt_tokens,
                 tokens_per_sec=round(out.completion_tokens / seconds, 2) if seconds > 0 else 0.0,

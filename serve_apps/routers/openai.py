@@ -1,6 +1,7 @@
 """The OpenAI-compatible API: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
 
-Requests are routed by their ``model`` field (a service's ``served_model_name``). Chat
+Requests are routed by their ``model`` field (a service's ``served_model_name``, or the
+name of one of its LoRA adapters, which the same service serves). Chat
 messages with images go only to image-text models; the ingress fetches and checks every
 image first (:func:`serve_apps.pipelines.vision.resolve_chat_images`), so a model server
 only ever sees ``data:`` URLs within the limits.
@@ -28,10 +29,12 @@ from .streaming import sse_response
 
 
 def list_models(ctx: AppContext, created: int) -> ModelList:
-    """One card per LLM-style service: its name, service, and what model it is."""
+    """One card per LLM-style service (its name, service, and what model it is), then one
+    per adapter of it (served by the same service)."""
     specs = {s.key: s for s, _ in ctx.args.enabled()}
-    return ModelList(
-        data=[
+    cards: list[ModelCard] = []
+    for key, cfg in ctx.args.model_configs().items():
+        cards.append(
             ModelCard(
                 id=cfg.served_model_name,
                 created=created,
@@ -40,9 +43,19 @@ def list_models(ctx: AppContext, created: int) -> ModelList:
                 description=f"{specs[key].description}; "
                 + (cfg.smoke_description if cfg.is_smoke else f"model {cfg.model}"),
             )
-            for key, cfg in ctx.args.model_configs().items()
+        )
+        cards += [
+            ModelCard(
+                id=adapter.name,
+                created=created,
+                service=key,
+                smoke=adapter.is_smoke,
+                description=f"{specs[key].description} with an adapter of "
+                f"{cfg.served_model_name}; {adapter.description}",
+            )
+            for adapter in cfg.adapters
         ]
-    )
+    return ModelList(data=cards)
 
 
 async def chat_completions(ctx: AppContext, req: ChatCompletionRequest) -> Any:

@@ -91,3 +91,64 @@ def test_output_cut_by_a_stop_string_is_not_vouched_for(compiler, ids):
 
 def test_a_token_the_grammar_rejects_is_never_vouched_for(compiler, ids):
     assert _satisfied(compiler.matcher(REGEX), ids("abz"), False) == (False, False)
+
+
+# ------------------------------------------------------------------ LoRA adapters
+def test_adapters_map_to_vllm_lora_engine_args_and_stable_request_ids(tmp_path):
+    from serve_apps.config import AdapterConfig, ModelConfig
+    from serve_apps.engines.adapters import AdapterSource
+    from serve_apps.engines.vllm_llm import (
+        VLLMEngine,
+        local_adapter_path,
+        lora_engine_args,
+        lora_request_args,
+    )
+
+    local = tmp_path / "lora"
+    local.mkdir()
+    adapters = {
+        "a": AdapterSource("a", str(local)),
+        "b": AdapterSource("b", "org/lora-b", revision="v2"),
+        "c": AdapterSource("c", "org/lora-c"),
+    }
+    assert lora_engine_args({}, 4, 16) == {}
+    assert lora_engine_args(adapters, 2, 32) == {
+        "enable_lora": True,
+        "max_loras": 2,
+        "max_cpu_loras": 3,
+        "max_lora_rank": 32,
+    }
+    # Fewer adapters than slots: vLLM reserves no more GPU slots than adapters exist.
+    assert lora_engine_args(adapters, 8, 16)["max_loras"] == 3
+    assert lora_request_args(adapters) == {
+        "a": {"lora_name": "a", "lora_int_id": 1, "lora_path": str(local)},
+        "b": {"lora_name": "b", "lora_int_id": 2, "lora_path": "org/lora-b"},
+        "c": {"lora_name": "c", "lora_int_id": 3, "lora_path": "org/lora-c"},
+    }
+    assert local_adapter_path(adapters["a"]) == str(local)
+
+    config = ModelConfig(
+        served_model_name="m",
+        model="org/base",
+        backend="vllm",
+        adapters=[AdapterConfig(name="a", path=str(local))],
+        max_loaded_adapters=3,
+        max_lora_rank=64,
+    )
+    engine = VLLMEngine.from_config(config, "org/base", adapters={"a": adapters["a"]})
+    assert engine.engine_args["enable_lora"] is True
+    assert engine.engine_args["max_loras"] == 1 and engine.engine_args["max_lora_rank"] == 64
+    plain = VLLMEngine.from_config(config.model_copy(update={"adapters": []}), "org/base")
+    assert "enable_lora" not in plain.engine_args
+
+
+async def test_vllm_engine_refuses_an_unknown_adapter_before_vllm_sees_it(tmp_path):
+    from serve_apps.engines.adapters import AdapterSource
+    from serve_apps.engines.base import GenerationRequest, SamplingParams
+    from serve_apps.engines.vllm_llm import VLLMEngine
+    from serve_apps.errors import ModelNotFoundError
+
+    engine = VLLMEngine("org/base", adapters={"a": AdapterSource("a", str(tmp_path))})
+    request = GenerationRequest("x", SamplingParams(max_tokens=1), adapter="nope")
+    with pytest.raises(ModelNotFoundError):
+        await engine._prepare(request)
