@@ -89,7 +89,12 @@ def bnf_to_gbnf(grammar: str) -> str:
             )
         if kind == "name":
             used.append(text)
-        rules[-1].append(_double_quoted(text) if kind == "squote" else text)
+        piece = _double_quoted(text) if kind == "squote" else text
+        postfix = kind == "op" and (text in ("*", "+", "?") or text.startswith("{"))
+        if postfix and len(rules[-1]) > 2:
+            rules[-1][-1] += piece  # a postfix operator stays on its term: [a-z]+, "b"{1,3}
+        else:
+            rules[-1].append(piece)
     missing = sorted(set(used) - set(defined), key=used.index)
     if missing:
         raise GrammarSyntaxError("the grammar uses rules it does not define: " + ", ".join(missing))
