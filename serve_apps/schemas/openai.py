@@ -148,7 +148,9 @@ class SamplingFields(TolerantModel):
             extra["echo"] = True
         for name in ("echo", *UNSUPPORTED_PARAMS):
             value = extra.get(name)
-            if value is not None and value is not False and value != 1:
+            # null, false and best_of=1 ask for nothing beyond what is served.
+            harmless = value is None or value is False or (name == "best_of" and value == 1)
+            if not harmless:
                 raise UnsupportedError(
                     f"the OpenAI parameter '{name}' is not supported by this server",
                     param=name,
