@@ -74,6 +74,12 @@ class FunctionDef(TolerantModel):
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
     strict: bool | None = None
 
+    @field_validator("parameters")
+    @classmethod
+    def _affordable(cls, v: dict[str, Any]) -> dict[str, Any]:
+        constraint_limits.check_json_schema(v)  # the arguments are generated under it
+        return v
+
 
 class Tool(TolerantModel):
     type: Literal["function"]
