@@ -202,18 +202,6 @@ def _tool_message(
     )
 
 
-def _joined(outs: list[GenerationOutput]) -> GenerationOutput:
-    """Several deltas as one output (the last one's totals and verdict)."""
-    last = outs[-1]
-    logprobs = [lp for o in outs for lp in o.logprobs or ()] if last.logprobs is not None else None
-    return dataclasses.replace(
-        last,
-        text="".join(o.text for o in outs),
-        token_ids=[t for o in outs for t in o.token_ids],
-        logprobs=logprobs,
-    )
-
-
 class LLMServer:
     """Serves one model: OpenAI chat/completions and the constrained ``generate`` API.
 
@@ -411,7 +399,7 @@ class LLMServer:
                 held.setdefault(i, []).append(out)
                 if out.finish_reason is None:
                     continue
-                whole = _joined(held.pop(i))
+                whole = GenerationOutput.join(held.pop(i))
                 message, finish = _tool_message(whole, True, gens[i].request_id)
                 delta = DeltaMessage(
                     content=message.content,
