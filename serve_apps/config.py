@@ -412,6 +412,51 @@ class ModalArgs(StrictModel):
     )
 
 
+COMPAT_ROUTES = (
+    "/rex_inference",
+    "/api_sam",
+    "/api_grounding",
+    "/generate_api",
+    "/generate_description",
+    "/upload_and_process_frames",
+    "/extract_from_url",
+    "/extract_text",
+)
+
+
+class CompatConfig(StrictModel):
+    """The seed services' own routes (``serve_apps.routers.compat``): which are on, and
+    which models serve them. A route is also off while the services it needs are."""
+
+    routes: dict[str, bool] = Field(
+        default_factory=dict, description="route path -> false to switch it off (default on)"
+    )
+    vl_model: str | None = Field(
+        default=None,
+        description="served_model_name of the image-text model that describes frames and "
+        "extracts document text; default: the first image-text service (the detector)",
+    )
+    generate_model: str | None = Field(
+        default=None, description="/generate_api's model; default: the codegen service"
+    )
+    max_tokens: int = Field(default=512, ge=1, description="for descriptions and extraction")
+    max_zip_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="zip upload")
+    max_zip_frames: int = Field(default=64, ge=1)
+    max_frame_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="uncompressed")
+    max_zip_ratio: int = Field(default=100, ge=1, description="uncompressed/compressed, per frame")
+
+    @field_validator("routes")
+    @classmethod
+    def _known_routes(cls, v: dict[str, bool]) -> dict[str, bool]:
+        unknown = sorted(set(v) - set(COMPAT_ROUTES))
+        if unknown:
+            raise ValueError(f"unknown compat routes {unknown}; known: {list(COMPAT_ROUTES)}")
+        return v
+
+    def on(self, path: str) -> bool:
+        return self.routes.get(path, True)
+
+
 class Limits(StrictModel):
     """Per-request limits the ingress enforces before any model sees the request."""
 

@@ -15,6 +15,7 @@ handle unchanged.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -185,6 +186,21 @@ def error_body(exc: BaseException) -> dict[str, Any]:
             "code": "internal_error",
         }
     }
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> InvalidRequestError:
+    """The 400 for a body that failed its wire model (pydantic/FastAPI ``errors()``)."""
+    if errors and errors[0].get("type") == "json_invalid":
+        return InvalidRequestError(
+            f"request body is not valid JSON: {errors[0].get('msg', '')}", code="invalid_json"
+        )
+
+    def where(e: Mapping[str, Any]) -> str:
+        return ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+
+    message = "; ".join(f"{where(e) or 'body'}: {e.get('msg')}" for e in errors)
+    param = where(errors[0]) if errors else None
+    return InvalidRequestError(message, param=param or None, code="invalid_value")
 
 
 def unwrap(exc: BaseException) -> BaseException:

@@ -38,6 +38,7 @@ from .errors import (
     error_headers,
     status_of,
     unwrap,
+    validation_error,
 )
 from .handles import Handle
 from .registry import AppArgsBase, AppContext
@@ -213,23 +214,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if errors and errors[0].get("type") == "json_invalid":
-            return error_response(
-                InvalidRequestError(
-                    f"request body is not valid JSON: {errors[0].get('msg', '')}",
-                    code="invalid_json",
-                )
-            )
-
-        def where(e: Any) -> str:
-            return ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-
-        message = "; ".join(f"{where(e) or 'body'}: {e.get('msg')}" for e in errors)
-        param = where(errors[0]) if errors else None
-        return error_response(
-            InvalidRequestError(message, param=param or None, code="invalid_value")
-        )
+        return error_response(validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

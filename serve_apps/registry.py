@@ -39,6 +39,7 @@ from pydantic import BaseModel, Field, create_model, model_validator
 from .clients import Client, DetectorClient, GrounderClient, LLMClient, SegmenterClient
 from .config import (
     AdapterConfig,
+    CompatConfig,
     DetectorConfig,
     GrounderConfig,
     ImageLimits,
@@ -64,7 +65,7 @@ K = TypeVar("K", bound=Client)
 INGRESS = "Ingress"  # the ingress deployment's name (Serve config, Modal class)
 INGRESS_CPUS = 0.25
 # Mounted whatever the config: readiness and liveness.
-ALWAYS_ROUTERS = ("serve_apps.routers.health:router",)
+ALWAYS_ROUTERS = ("serve_apps.routers.health:router", "serve_apps.routers.compat:router")
 
 
 @dataclass(frozen=True, eq=False)
@@ -184,6 +185,7 @@ class AppArgsBase(StrictModel):
     limits: Limits = Limits()
     images: ImageLimits = ImageLimits()
     modal: ModalArgs = ModalArgs()
+    compat: CompatConfig = CompatConfig()
 
     def config(self, spec: ServiceSpec[C, Any]) -> C | None:
         """The config of one service (None when it is off), typed by its entry."""

@@ -75,6 +75,18 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # False keeps special tokens in the text (Rex-Omni's output format is made of them).
     skip_special_tokens: bool = True
+    # OpenAI semantics: subtracted from the logit of every token already generated, once
+    # (presence) or once per occurrence (frequency); the prompt does not count.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Log-probabilities of each sampled token and of this many most likely alternatives
+    # (0: the sampled token only); None: none. From the model's raw distribution (before
+    # penalties, constraints and temperature), as vLLM reports them by default.
+    logprobs: int | None = None
+    # A token mask: only these ids may be sampled (None: any), and never these. EOS stays
+    # allowed so that generation can end.
+    allowed_token_ids: frozenset[int] | None = None
+    forbidden_token_ids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -85,6 +97,12 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if not self.repetition_penalty > 0.0:
             raise ValueError("repetition_penalty must be > 0")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError("logprobs must be >= 0")
+
+    @property
+    def has_token_mask(self) -> bool:
+        return self.allowed_token_ids is not None or bool(self.forbidden_token_ids)
 
 
 @dataclass
@@ -118,9 +136,21 @@ def deadline_error(where: str) -> DeadlineExceededError:
     return DeadlineExceededError(f"the request's deadline passed {where}; its work was stopped")
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives'."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass
 class GenerationOutput:
-    """A delta of generated text (or, from ``generate_full``, the whole of it)."""
+    """A delta of generated text (or, from ``generate_full``, the whole of it).
+
+    ``logprobs`` (when the request asked for them) has one entry per id in ``token_ids``.
+    """
 
     text: str
     token_ids: list[int]
@@ -128,6 +158,7 @@ class GenerationOutput:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     constraint_satisfied: bool | None = None
+    logprobs: list[TokenLogprob] | None = None
 
     @classmethod
     def join(cls, outputs: Sequence[GenerationOutput]) -> GenerationOutput:
@@ -141,6 +172,11 @@ class GenerationOutput:
             completion_tokens=last.completion_tokens,
             finish_reason=last.finish_reason,
             constraint_satisfied=last.constraint_satisfied,
+            logprobs=(
+                [lp for o in outputs for lp in o.logprobs or ()]
+                if last.logprobs is not None
+                else None
+            ),
         )
 
 

@@ -46,6 +46,7 @@ from .base import (
     GenerationRequest,
     ModelInfo,
     SamplingParams,
+    TokenLogprob,
     deadline_error,
     eos_token_ids,
 )
@@ -123,6 +124,9 @@ class _Sequence:
     n_ctx: int = 0  # real (non-padding) tokens in this row's KV cache
     next_token: int = -1  # sampled, not yet fed to the model
     seen: set[int] = field(default_factory=set)  # prompt + output ids, for repetition_penalty
+    counts: Counter[int] = field(default_factory=Counter)  # output ids, for the OpenAI penalties
+    token_mask: torch.Tensor | None = None  # allowed ids (bool over the vocabulary)
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     done: bool = False
     cancelled: bool = False
 
@@ -409,7 +413,11 @@ class TransformersEngine(TokenizedEngine):
         if request.sampling.temperature > 0:
             rng = random.Random(request.sampling.seed)  # None: seeded from the OS
         skip_special = request.sampling.skip_special_tokens
+        token_mask = None
+        if request.sampling.has_token_mask:
+            token_mask = self._token_mask(request.sampling)
         return _Sequence(
+            token_mask=token_mask,
             request=request,
             prompt_ids=prompt_ids,
             inputs=inputs,
@@ -420,6 +428,21 @@ class TransformersEngine(TokenizedEngine):
             rng=rng,
             seen=set(prompt_ids) if request.sampling.repetition_penalty != 1.0 else set(),
         )
+
+    def _token_mask(self, sp: SamplingParams) -> torch.Tensor:
+        """The allowed ids of a token mask as a boolean row over the model's logits."""
+        import torch
+
+        width = max(self.compiler.vocab_size, int(self.model.config.get_text_config().vocab_size))
+        if sp.allowed_token_ids is None:
+            mask = torch.ones(width, dtype=torch.bool)
+        else:
+            mask = torch.zeros(width, dtype=torch.bool)
+            mask[sorted(sp.allowed_token_ids)] = True
+        if sp.forbidden_token_ids:
+            mask[sorted(sp.forbidden_token_ids)] = False
+        mask[sorted(self._eos)] = True  # generation can always end
+        return mask.to(self.device)
 
     # ---------------------------------------------------------------- scheduler
     def _run(self) -> None:
@@ -687,13 +710,27 @@ class TransformersEngine(TokenizedEngine):
         its numbers went bad) fails its own request only; the batch goes on."""
         import torch
 
+        # Logprobs come from the raw distribution, before anything below changes it.
+        wants = [i for i, s in enumerate(seqs) if s.request.sampling.logprobs is not None]
+        raw = torch.log_softmax(logits[wants], dim=-1) if wants else None
         for i, s in enumerate(seqs):
-            penalty = s.request.sampling.repetition_penalty
+            sp = s.request.sampling
+            penalty = sp.repetition_penalty
             if penalty != 1.0 and s.seen:
                 seen = torch.tensor(sorted(s.seen), dtype=torch.long, device=logits.device)
                 scores = logits[i].index_select(0, seen)
                 scores = torch.where(scores < 0, scores * penalty, scores / penalty)
                 logits[i].index_copy_(0, seen, scores)
+            if (sp.presence_penalty or sp.frequency_penalty) and s.counts:
+                ids = torch.tensor(list(s.counts), dtype=torch.long, device=logits.device)
+                counts = torch.tensor(
+                    list(s.counts.values()), dtype=logits.dtype, device=logits.device
+                )
+                logits[i].index_add_(0, ids, -(sp.presence_penalty + sp.frequency_penalty * counts))
+            if s.token_mask is not None:
+                width = min(logits.shape[1], s.token_mask.shape[0])
+                logits[i, :width].masked_fill_(~s.token_mask[:width], float("-inf"))
+                logits[i, width:] = float("-inf")
         for i, error in self.masker.apply(logits, masks):
             self._fail([seqs[i]], error)
         live = [(i, s) for i, s in enumerate(seqs) if not s.done]
@@ -711,13 +748,17 @@ class TransformersEngine(TokenizedEngine):
                 self._sample_alone(rows[k : k + 1], p, u)
                 for k, (p, u) in enumerate(zip(params, uniforms, strict=True))
             ]
-        for (_, s), token in zip(live, tokens, strict=True):
+        for (i, s), token in zip(live, tokens, strict=True):
             if isinstance(token, BaseException):
                 self._fail([s], token)
             elif token is None:
                 self._fail([s], EngineError("the model produced no finite logit for this request"))
             else:
                 try:
+                    if raw is not None and s.request.sampling.logprobs is not None:
+                        s.unsent_logprobs.append(
+                            self._logprob(raw[wants.index(i)], token, s.request.sampling.logprobs)
+                        )
                     self._advance(s, token)
                 except Exception as e:
                     logger.exception("advancing one row failed; failing only its request")
@@ -732,6 +773,20 @@ class TransformersEngine(TokenizedEngine):
         except Exception as e:
             return e
 
+    def _logprob(self, row: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        def value(x: Any) -> float:
+            v = float(x)
+            return v if v > -9999.0 else -9999.0  # OpenAI's floor; JSON has no -inf
+
+        alternatives: tuple[tuple[str, float], ...] = ()
+        if top:
+            best = row.topk(top)
+            alternatives = tuple(
+                (self.token_text(int(t)), value(lp))
+                for lp, t in zip(best.values, best.indices, strict=True)
+            )
+        return TokenLogprob(self.token_text(token), value(row[token]), alternatives)
+
     def _advance(self, s: _Sequence, token: int) -> None:
         """Record one sampled token for ``s``, decide whether it is finished, emit a delta."""
         sp = s.request.sampling
@@ -739,6 +794,8 @@ class TransformersEngine(TokenizedEngine):
         s.unsent_ids.append(token)
         if sp.repetition_penalty != 1.0:
             s.seen.add(token)
+        if sp.presence_penalty or sp.frequency_penalty:
+            s.counts[token] += 1
         s.next_token = token
         self.counters.tokens_generated += 1
         finish: FinishReason | None = None
@@ -783,7 +840,9 @@ class TransformersEngine(TokenizedEngine):
                         completion_tokens=len(s.generated),
                         finish_reason=finish,
                         constraint_satisfied=satisfied,
+                        logprobs=s.unsent_logprobs if sp.logprobs is not None else None,
                     ),
                 )
             )
             s.unsent_ids = []
+            s.unsent_logprobs = []

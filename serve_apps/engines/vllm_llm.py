@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 from ..errors import (
@@ -53,6 +53,8 @@ from .base import (
     GenerationOutput,
     GenerationRequest,
     ModelInfo,
+    SamplingParams,
+    TokenLogprob,
     common_options,
     deadline_error,
     eos_token_ids,
@@ -94,6 +96,43 @@ def _client_error(e: Exception, constraint: Constraint | None = None) -> ServeAp
     if "context length" in lowered or "maximum model length" in lowered:
         return ContextLengthError(message, param=param or "max_tokens")
     return InvalidRequestError(message, param=param)
+
+
+def _allowed_token_ids(
+    sp: SamplingParams, vocab_size: int, eos: tuple[int, ...]
+) -> list[int] | None:
+    """A token mask as vLLM's ``allowed_token_ids`` (it has no forbidden list): allowed
+    (or the whole vocabulary) minus forbidden, EOS kept so generation can end."""
+    if not sp.has_token_mask:
+        return None
+    allowed = set(range(vocab_size)) if sp.allowed_token_ids is None else set(sp.allowed_token_ids)
+    return sorted((allowed - sp.forbidden_token_ids) | set(eos))
+
+
+def _logprobs(
+    sampled: list[int], entries: Any, top: int, text: Callable[[int], str]
+) -> list[TokenLogprob]:
+    """vLLM's per-token ``{id: Logprob}`` dicts (the sampled id plus the ``top`` best,
+    each with its ``rank``) as the engine contract's entries."""
+    result: list[TokenLogprob] = []
+    for token, entry in zip(sampled, entries or (), strict=False):
+
+        def name(i: int, e: Any) -> str:
+            return e.decoded_token if e.decoded_token is not None else text(i)
+
+        chosen = entry[token]
+        best = sorted(
+            ((i, e) for i, e in entry.items() if e.rank is not None and e.rank <= top),
+            key=lambda ie: ie[1].rank,
+        )[:top]
+        result.append(
+            TokenLogprob(
+                name(token, chosen),
+                max(float(chosen.logprob), -9999.0),
+                tuple((name(i, e), max(float(e.logprob), -9999.0)) for i, e in best),
+            )
+        )
+    return result
 
 
 def _satisfied(
@@ -346,6 +385,8 @@ class VLLMEngine(TokenizedEngine):
         )
         generated: list[int] = []
         unsent: list[int] = []  # token ids whose text vLLM holds back (partial UTF-8, stops)
+        unsent_logprobs: list[TokenLogprob] = []
+        top = request.sampling.logprobs
         finished = False
         try:
             while True:
@@ -374,6 +415,8 @@ class VLLMEngine(TokenizedEngine):
                     finished = True
                     finish, satisfied = self._finish(completion, generated, matcher)
                 unsent.extend(new_ids)
+                if top is not None:
+                    unsent_logprobs += _logprobs(new_ids, completion.logprobs, top, self.token_text)
                 # Like the transformers engine: a delta only when there is text or an end,
                 # so a stream never carries empty chunks; held-back ids ride on the next one.
                 if completion.text or finish is not None:
@@ -384,8 +427,10 @@ class VLLMEngine(TokenizedEngine):
                         completion_tokens=len(generated),
                         finish_reason=finish,
                         constraint_satisfied=satisfied,
+                        logprobs=unsent_logprobs if top is not None else None,
                     )
                     unsent = []
+                    unsent_logprobs = []
                 if finish is not None:
                     return
             if not finished:
@@ -423,7 +468,7 @@ class VLLMEngine(TokenizedEngine):
         """Everything that can reject a request, done before it reaches vLLM."""
         if request.adapter is not None and request.adapter not in self.adapters:
             raise unknown_adapter(request.adapter, self.adapters)
-        from vllm import SamplingParams
+        from vllm import SamplingParams as VLLMSamplingParams
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
@@ -439,13 +484,19 @@ class VLLMEngine(TokenizedEngine):
         matcher = await self._check_prompt(request, prompt_ids)
         sp = request.sampling
         try:
-            sampling = SamplingParams(
+            sampling = VLLMSamplingParams(
                 max_tokens=sp.max_tokens,
                 temperature=sp.temperature,
                 top_p=sp.top_p,
                 stop=list(sp.stop) or None,
                 seed=sp.seed,
                 repetition_penalty=sp.repetition_penalty,
+                presence_penalty=sp.presence_penalty,
+                frequency_penalty=sp.frequency_penalty,
+                logprobs=sp.logprobs,
+                allowed_token_ids=_allowed_token_ids(
+                    sp, self.compiler.vocab_size, self.info().eos_token_ids
+                ),
                 skip_special_tokens=sp.skip_special_tokens,
                 output_kind=RequestOutputKind.DELTA,
                 structured_outputs=(

@@ -1,7 +1,11 @@
 """The OpenAI-compatible API: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
 
 Requests are routed by their ``model`` field (a service's ``served_model_name``, or the
-name of one of its LoRA adapters, which the same service serves). Chat
+name of one of its LoRA adapters, which the same service serves). Every
+OpenAI parameter is either served (``n``, ``logprobs``/``top_logprobs``, the penalties,
+``stream_options``, ``response_format``, ``tools``/``tool_choice``: see
+:mod:`serve_apps.tools`) or, when set, a 400 naming it
+(:data:`serve_apps.schemas.openai.UNSUPPORTED_PARAMS`); unknown fields are tolerated. Chat
 messages with images go only to image-text models; the ingress fetches and checks every
 image first (:func:`serve_apps.pipelines.vision.resolve_chat_images`), so a model server
 only ever sees ``data:`` URLs within the limits.
@@ -59,6 +63,7 @@ def list_models(ctx: AppContext, created: int) -> ModelList:
 
 
 async def chat_completions(ctx: AppContext, req: ChatCompletionRequest) -> Any:
+    req.check_supported()
     ctx.args.limits.check_max_tokens(req.requested_max_tokens())
     key, client = ctx.model_client(req.model, LLM)
     if any(m.has_images() for m in req.messages):
@@ -72,6 +77,7 @@ async def chat_completions(ctx: AppContext, req: ChatCompletionRequest) -> Any:
 
 
 async def completions(ctx: AppContext, req: CompletionRequest) -> Any:
+    req.check_supported()
     ctx.args.limits.check_max_tokens(req.requested_max_tokens())
     _, client = ctx.model_client(req.model, LLM)
     if req.stream:

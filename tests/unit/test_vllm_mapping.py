@@ -152,3 +152,38 @@ async def test_vllm_engine_refuses_an_unknown_adapter_before_vllm_sees_it(tmp_pa
     request = GenerationRequest("x", SamplingParams(max_tokens=1), adapter="nope")
     with pytest.raises(ModelNotFoundError):
         await engine._prepare(request)
+
+
+def test_a_token_mask_maps_to_allowed_token_ids_with_eos_kept():
+    from serve_apps.engines.base import SamplingParams
+    from serve_apps.engines.vllm_llm import _allowed_token_ids
+
+    def sp(**kw):
+        return SamplingParams(max_tokens=4, **kw)
+
+    assert _allowed_token_ids(sp(), 10, (9,)) is None
+    assert _allowed_token_ids(sp(allowed_token_ids=frozenset({1, 2, 3})), 10, (9,)) == [1, 2, 3, 9]
+    forbidden = sp(forbidden_token_ids=frozenset({0, 4, 9}))
+    assert _allowed_token_ids(forbidden, 6, (9,)) == [1, 2, 3, 5, 9]
+
+
+class FakeLogprob:
+    """Shaped like vllm.logprobs.Logprob."""
+
+    def __init__(self, logprob, rank, decoded_token):
+        self.logprob, self.rank, self.decoded_token = logprob, rank, decoded_token
+
+
+def test_vllm_logprobs_map_to_the_sampled_token_and_ranked_alternatives():
+    from serve_apps.engines.vllm_llm import _logprobs
+
+    entries = [
+        # The sampled token (rank 3) comes first, then the top 2 by rank.
+        {7: FakeLogprob(-2.5, 3, "c"), 1: FakeLogprob(-0.1, 1, "a"), 2: FakeLogprob(-1.0, 2, None)},
+        {1: FakeLogprob(float("-inf"), 1, "a")},
+    ]
+    out = _logprobs([7, 1], entries, 2, lambda i: f"<{i}>")
+    assert out[0].token == "c" and out[0].logprob == -2.5
+    assert out[0].top == (("a", -0.1), ("<2>", -1.0))
+    assert out[1].logprob == -9999.0  # JSON has no -inf
+    assert _logprobs([1], entries[1:], 0, str)[0].top == ()
