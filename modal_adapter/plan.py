@@ -119,6 +119,8 @@ class AppPlan(StrictModel):
     volume_mount: str
     env: dict[str, str]
     secrets: list[str]
+    # The ingress's: the API keys (modal.Secret setting auth.keys_env) when auth is on.
+    ingress_secrets: list[str] = []
     image: ImagePlan
 
     @property
@@ -203,7 +205,7 @@ def make_plan(config: dict[str, Any], mode: Mode, app_name: str, source: str) ->
     """The Modal app for a Serve config. Raises :class:`PlanError` for what cannot deploy."""
     from cluster.findings import errors
     from cluster.lint import lint_config
-    from cluster.render import HF_TOKEN_SECRET, MODEL_CACHE_MOUNT, model_cache_env
+    from cluster.render import API_KEYS_SECRET, HF_TOKEN_SECRET, MODEL_CACHE_MOUNT, model_cache_env
     from cluster.serve_config import resolve_deployments
     from serve_apps.registry import INGRESS, AppArgs
 
@@ -231,6 +233,8 @@ def make_plan(config: dict[str, Any], mode: Mode, app_name: str, source: str) ->
         volume_mount=MODEL_CACHE_MOUNT,
         env=model_cache_env(),
         secrets=[HF_TOKEN_SECRET] if from_hub else [],
+        # modal secret create serve-apps-api-keys SERVE_APPS_API_KEYS='team-a=sk-...'
+        ingress_secrets=[API_KEYS_SECRET] if args.auth.enabled else [],
         image=image_plan(args),
     )
 

@@ -87,6 +87,9 @@ class ServerHost:
 
     @modal.enter()
     async def load(self) -> None:
+        from serve_apps.request_context import log_json_to_stderr
+
+        log_json_to_stderr()  # JSON log lines with the request's ID (ServerHost.call binds it)
         await self._server()
 
     @modal.method()
@@ -214,8 +217,11 @@ class IngressHost:
     def web(self) -> Any:
         from serve_apps.ingress import create_app
         from serve_apps.registry import AppArgs
+        from serve_apps.request_context import log_json_to_stderr
 
         local = modal.is_local()
+        if not local:
+            log_json_to_stderr()  # Modal's log view: JSON lines with request_id, key name
         handles = {
             service: ModalHandle(modal_cls, host_cls, local=local)
             for service, (modal_cls, host_cls) in self.SERVICES.items()

@@ -29,7 +29,9 @@ def assert_envelope(
     body = response.json()
     assert set(body) == {"error"}, body
     err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
+    assert set(err) - {"request_id"} == {"message", "type", "param", "code"}, err
+    if "request_id" in err:
+        assert err["request_id"] == response.headers["x-request-id"], err
     assert isinstance(err["message"], str) and err["message"]
     if code is not None:
         assert err["code"] == code, err

@@ -50,6 +50,14 @@ def _image_from_data_url(url: str) -> Any:
 
 
 def _usage(out: GenerationOutput) -> Usage:
+    """A finished generation's usage; logged (counts and finish reason, never text), with
+    the request's ID and key name (:func:`serve_apps.request_context.install_log_context`)."""
+    logger.info(
+        "generation finished: %d prompt tokens, %d generated, %s",
+        out.prompt_tokens,
+        out.completion_tokens,
+        out.finish_reason,
+    )
     return Usage(
         prompt_tokens=out.prompt_tokens,
         completion_tokens=out.completion_tokens,
