@@ -178,7 +178,15 @@ def ray_cluster():
     import ray
 
     # Logical CPUs: replicas ask for fractions, the machine may have only 2 cores.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # Ray's metrics agent exports on its own port (tests scrape it), reporting every second.
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=free_port(),
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     yield
     ray.shutdown()
 
