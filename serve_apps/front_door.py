@@ -215,11 +215,11 @@ class FrontDoorMiddleware:
         return None
 
     async def _settle(self, v: Visit) -> None:
-        if not v.reserved or v.counters is None or v.limits is None:
-            return
-        unused = v.reserved - (v.used if v.used is not None else v.reserved)
-        if unused > 0:
+        if not v.reserved or v.used is None or v.counters is None or v.limits is None:
+            return  # nothing reserved, or no usage known: the reservation stands
+        delta = v.used - v.reserved
+        if delta:
             try:
-                await v.counters.settle(v.key, v.limits, unused, v.reserved_window)
-            except Exception:  # the response has gone; a lost refund only errs on caution
+                await v.counters.settle(v.key, v.limits, delta, v.reserved_window)
+            except Exception:  # the reservation stands
                 logger.exception("could not settle a token reservation")

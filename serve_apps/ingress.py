@@ -175,9 +175,12 @@ class RequestContextMiddleware:
     of the services enforce it (504).
     """
 
-    def __init__(self, app: ASGIApp, limits: Limits):
+    def __init__(self, app: ASGIApp, limits: Limits, echo_adopted_id: bool = True):
         self.app = app
         self.limits = limits
+        # False behind Ray Serve's proxy, which returns the request's x-request-id itself
+        # (the one it put into the request, which this adopts): one header, not two.
+        self.echo_adopted_id = echo_adopted_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -197,8 +200,10 @@ class RequestContextMiddleware:
             deadline=time.time() + timeout,
         )
 
+        echo = self.echo_adopted_id or meta.request_id != given
+
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if echo and message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
                 headers.append((b"x-request-id", meta.request_id.encode()))
                 message = {**message, "headers": headers}
@@ -312,16 +317,20 @@ def create_app(
     handles: Mapping[str, Handle],
     *,
     counters: SharedCounters | None = None,
+    echo_adopted_id: bool = True,
 ) -> FastAPI:
     """The FastAPI app for ``args``; ``handles`` maps service key -> handle. ``counters``:
-    where the rate limits count (default: this process, or ``rate_limits.storage``)."""
+    where the rate limits count (default: this process, or ``rate_limits.storage``);
+    ``echo_adopted_id``: see :class:`RequestContextMiddleware` (False on Ray Serve)."""
     ctx = AppContext.from_handles(args, handles)
     app = FastAPI(title="serve-apps", version=__version__)
     app.add_middleware(BodyMiddleware, limits=args.limits)
     app.add_middleware(
         FrontDoorMiddleware, auth=args.auth, rate_limits=args.rate_limits, counters=counters
     )
-    app.add_middleware(RequestContextMiddleware, limits=args.limits)  # added last: outermost
+    app.add_middleware(  # added last: outermost
+        RequestContextMiddleware, limits=args.limits, echo_adopted_id=echo_adopted_id
+    )
     install_error_handlers(app)
     for router in ctx.routers():
         app.include_router(router, responses=ERROR_RESPONSES)

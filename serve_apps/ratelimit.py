@@ -9,8 +9,9 @@ request in one call:
 - :meth:`Counters.reserve` when a generation route knows its request: prompt (estimated,
   4 characters a token) + ``max_tokens`` counted against tokens per minute (429 when they
   do not fit);
-- :meth:`Counters.settle` when it ends: the part of the reservation the request did not
-  use is given back (only within the same window; a new window starts from zero anyway).
+- :meth:`Counters.settle` when it ends: the count becomes what the request used (the
+  unused part given back, a use over the estimate added), only within the same window (a
+  new window starts from zero anyway).
 
 Where the counters live decides whether several ingress replicas share them
 (``rate_limits.storage``): in the process (in-process, one Modal container), in one named
@@ -137,17 +138,19 @@ class Counters:
             return Decision(False, requests, tokens, "tokens", None)
         return Decision(False, requests, tokens, "tokens", tokens.reset_in())
 
-    def settle(self, key: str, limits: KeyLimits, unused: int, window_reset_at: float) -> None:
+    def settle(self, key: str, limits: KeyLimits, delta: int, window_reset_at: float) -> None:
+        """Correct a reservation by ``delta`` = used - reserved tokens."""
         tpm = limits.tokens_per_minute
-        if not tpm or unused <= 0:
+        if not tpm or delta == 0:
             return
         item = self._item(tpm)
         reset_at, _ = self._limiter.get_window_stats(item, key, "tokens")
         if reset_at != window_reset_at:
             return  # the reservation's window is over
         counter_key = item.key_for(key, "tokens")
-        used = self._storage.get(counter_key)
-        self._storage.incr(counter_key, WINDOW_S, -min(unused, used))
+        if delta < 0:
+            delta = -min(-delta, self._storage.get(counter_key))
+        self._storage.incr(counter_key, WINDOW_S, delta)
 
     def reset(self) -> None:
         self._storage.reset()
@@ -161,7 +164,7 @@ class SharedCounters(Protocol):
     async def reserve(self, key: str, limits: KeyLimits, amount: int) -> Decision: ...
 
     async def settle(
-        self, key: str, limits: KeyLimits, unused: int, window_reset_at: float
+        self, key: str, limits: KeyLimits, delta: int, window_reset_at: float
     ) -> None: ...
 
 
@@ -186,10 +189,8 @@ class LocalCounters:
         decision: Decision = await self._run(self.counters.reserve, key, limits, amount)
         return decision
 
-    async def settle(
-        self, key: str, limits: KeyLimits, unused: int, window_reset_at: float
-    ) -> None:
-        await self._run(self.counters.settle, key, limits, unused, window_reset_at)
+    async def settle(self, key: str, limits: KeyLimits, delta: int, window_reset_at: float) -> None:
+        await self._run(self.counters.settle, key, limits, delta, window_reset_at)
 
 
 def local_counters(config: RateLimits) -> LocalCounters:

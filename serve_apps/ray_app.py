@@ -99,10 +99,8 @@ class RayCounters:
         decision: Decision = await self._actor.reserve.remote(key, limits, amount)
         return decision
 
-    async def settle(
-        self, key: str, limits: KeyLimits, unused: int, window_reset_at: float
-    ) -> None:
-        await self._actor.settle.remote(key, limits, unused, window_reset_at)
+    async def settle(self, key: str, limits: KeyLimits, delta: int, window_reset_at: float) -> None:
+        await self._actor.settle.remote(key, limits, delta, window_reset_at)
 
 
 def shared_counters(config: RateLimits) -> SharedCounters | None:
@@ -248,6 +246,7 @@ class _IngressReplica:
             app_args,
             {k: RayHandle(h) for k, h in handles.items()},
             counters=shared_counters(app_args.rate_limits),
+            echo_adopted_id=False,  # Serve's proxy returns it
         )
 
     def __serve_build_asgi_app__(self) -> Any:

@@ -31,7 +31,7 @@ def assert_envelope(
     err = body["error"]
     assert set(err) - {"request_id"} == {"message", "type", "param", "code"}, err
     if "request_id" in err:
-        assert err["request_id"] == response.headers["x-request-id"], err
+        assert response.headers.get_list("x-request-id") == [err["request_id"]], err
     assert isinstance(err["message"], str) and err["message"]
     if code is not None:
         assert err["code"] == code, err

@@ -32,7 +32,8 @@ async def test_no_key_wrong_key_and_revoked_key_are_401_and_the_right_key_200(ap
         missing = await anon.get("/v1/models", headers={"x-request-id": "fd-missing-1"})
         err = assert_envelope(missing, 401, "missing_api_key")
         assert missing.headers["www-authenticate"].startswith("Bearer")
-        assert missing.headers["x-request-id"] == "fd-missing-1" == err["request_id"]
+        assert missing.headers.get_list("x-request-id") == ["fd-missing-1"]
+        assert err["request_id"] == "fd-missing-1"
         wrong = await anon.post(
             "/v1/chat/completions", json=chat(max_tokens=2), headers={"x-api-key": "sk-nope"}
         )
@@ -118,7 +119,7 @@ async def test_tokens_per_minute_reserve_and_settle(api):
     second = await api.post("/v1/chat/completions", json=body, headers=key("tokens"))
     assert second.status_code == 200
     remaining = int(second.headers["x-ratelimit-remaining-tokens"])
-    # Settled: the first request counts what it used, not its reservation (or a new window
-    # started in between).
+    # Settled: the first request counts what it used (the smoke chat template makes that
+    # more than the estimate), not its reservation; or a new window started in between.
+    assert used != estimate
     assert remaining in (after_first + estimate - used - estimate, limit - estimate)
-    assert remaining != after_first - estimate or used == estimate

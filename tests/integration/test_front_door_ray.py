@@ -90,7 +90,7 @@ async def test_the_request_id_is_on_the_replicas_log_line(ray_serve_url):
             },
             headers={"x-request-id": rid},
         )
-        assert r.status_code == 200 and r.headers["x-request-id"] == rid
+        assert r.status_code == 200 and r.headers.get_list("x-request-id") == [rid]
         bad = await c.post(
             "/v1/chat/completions",
             json={"model": "nope", "messages": []},

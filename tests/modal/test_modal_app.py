@@ -86,7 +86,9 @@ def test_every_deployment_is_a_class_with_the_options_the_serve_config_says(prod
         assert cells["cpu"] == want["cpu"], name
 
 
-def test_model_classes_mount_the_model_cache_and_get_the_token_the_ingress_does_not(prod_app):
+def test_model_classes_mount_the_model_cache_and_get_the_token_the_ingress_the_api_keys(
+    prod_app,
+):
     for plan in prod_app.PLAN.deployments:
         info = getattr(prod_app, plan.name)._get_class_service_function().info()
         assert set(info.volumes) == {MODEL_CACHE_MOUNT}
@@ -94,7 +96,9 @@ def test_model_classes_mount_the_model_cache_and_get_the_token_the_ingress_does_
         assert len(info.secrets) == 1 and "hf-token" in info.secrets[0]
         assert info.method_names == ["call", "stream"]
     ingress = prod_app.Ingress._get_class_service_function().info()
-    assert ingress.volumes == {} and ingress.secrets == []
+    # auth is on in the production config: the ingress (only) gets the API keys' secret.
+    assert ingress.volumes == {} and len(ingress.secrets) == 1
+    assert "serve-apps-api-keys" in ingress.secrets[0]
     assert list(ingress.method_details) == ["web"]
 
 

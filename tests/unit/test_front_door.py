@@ -147,10 +147,12 @@ def test_counters_count_reserve_and_settle_within_a_window():
     assert not over.allowed and over.refused == "tokens" and over.retry_after_s is not None
     never = counters.reserve("k", limits, 101)
     assert not never.allowed and never.retry_after_s is None
-    counters.settle("k", limits, 50, reserved.tokens.reset_at)  # used 20 of its 70
+    counters.settle("k", limits, -50, reserved.tokens.reset_at)  # used 20 of its 70
     assert counters.reserve("k", limits, 0).tokens.remaining == 80
-    counters.settle("k", limits, 50, reserved.tokens.reset_at - 60)  # another window: ignored
+    counters.settle("k", limits, -50, reserved.tokens.reset_at - 60)  # another window: ignored
     assert counters.reserve("k", limits, 0).tokens.remaining == 80
+    counters.settle("k", limits, 30, reserved.tokens.reset_at)  # a use over its estimate
+    assert counters.reserve("k", limits, 0).tokens.remaining == 50
     assert (
         format_reset(0.2) == "1s" and format_reset(360) == "6m0s" and format_reset(61.5) == "1m2s"
     )
