@@ -100,7 +100,9 @@ class RayCounters:
         return decision
 
     async def settle(self, key: str, limits: KeyLimits, delta: int, window_reset_at: float) -> None:
-        await self._actor.settle.remote(key, limits, delta, window_reset_at)
+        # Not awaited: nothing waits for it, and Ray runs an actor's calls from one caller in
+        # the order they were made, so this replica's next admit/reserve sees it settled.
+        self._actor.settle.remote(key, limits, delta, window_reset_at)
 
 
 def shared_counters(config: RateLimits) -> SharedCounters | None:
