@@ -112,8 +112,11 @@ def main() -> None:
         + "\n".join(notes)
         + f"\n- {opts.requests} requests of each kind per app, interleaved, one at a time; "
         "on: a key checked against a keys file, requests and tokens per minute counted in "
-        "the app's named Ray actor (one actor call to admit, one to reserve tokens, one to "
-        "settle them); metrics recorded in both.",
+        "the app's named Ray actor (one awaited actor call to admit, one to reserve tokens, "
+        "and one sent without waiting to settle them); metrics recorded in both. Over the "
+        "5% target: the cost is those actor round trips (the actor shares the 2 cores with "
+        "everything else); `rate_limits.storage: memory` (per replica) or no limits avoids "
+        "them.",
     )
 
 
