@@ -60,6 +60,7 @@ class ContainerPort(K8sModel):
 class VolumeMount(K8sModel):
     name: str
     mount_path: str
+    read_only: bool | None = None
 
 
 class Container(K8sModel):
@@ -84,9 +85,15 @@ class PersistentVolumeClaimVolumeSource(K8sModel):
     claim_name: str
 
 
+class SecretVolumeSource(K8sModel):
+    secret_name: str
+    optional: bool | None = None
+
+
 class Volume(K8sModel):
     name: str
-    persistent_volume_claim: PersistentVolumeClaimVolumeSource
+    persistent_volume_claim: PersistentVolumeClaimVolumeSource | None = None
+    secret: SecretVolumeSource | None = None
 
 
 class PodSpec(K8sModel):
@@ -193,11 +200,18 @@ class KustomizePatch(K8sModel):
     path: str
 
 
+class ConfigMapGenerator(K8sModel):
+    name: str
+    files: list[str]
+    options: dict[str, Any] | None = None
+
+
 class Kustomization(K8sModel):
     api_version: Literal["kustomize.config.k8s.io/v1beta1"] = "kustomize.config.k8s.io/v1beta1"
     kind: Literal["Kustomization"] = "Kustomization"
     resources: list[str]
     patches: list[KustomizePatch] | None = None
+    config_map_generator: list[ConfigMapGenerator] | None = None
 
 
 class KustomizeComponent(K8sModel):
@@ -207,3 +221,29 @@ class KustomizeComponent(K8sModel):
     kind: Literal["Component"] = "Component"
     resources: list[str] | None = None
     patches: list[KustomizePatch]
+
+
+# --- prometheus-operator (monitoring.coreos.com/v1) --------------------------------------
+
+
+class LabelSelector(K8sModel):
+    match_labels: dict[str, str]
+
+
+class PodMetricsEndpoint(K8sModel):
+    port: str
+    path: str | None = None
+    interval: str | None = None
+
+
+class PodMonitorSpec(K8sModel):
+    job_label: str | None = None
+    selector: LabelSelector
+    pod_metrics_endpoints: list[PodMetricsEndpoint]
+
+
+class PodMonitor(K8sModel):
+    api_version: Literal["monitoring.coreos.com/v1"] = "monitoring.coreos.com/v1"
+    kind: Literal["PodMonitor"] = "PodMonitor"
+    metadata: ObjectMeta
+    spec: PodMonitorSpec

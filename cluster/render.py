@@ -35,6 +35,7 @@ import yaml
 from .findings import Finding, errors
 from .k8s_models import (
     AutoscalerOptions,
+    ConfigMapGenerator,
     Container,
     ContainerPort,
     EnvVar,
@@ -45,10 +46,14 @@ from .k8s_models import (
     Kustomization,
     KustomizeComponent,
     KustomizePatch,
+    LabelSelector,
     ObjectMeta,
     PersistentVolumeClaim,
     PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource,
+    PodMetricsEndpoint,
+    PodMonitor,
+    PodMonitorSpec,
     PodSpec,
     PodTemplateSpec,
     RayClusterSpec,
@@ -57,6 +62,7 @@ from .k8s_models import (
     RayServiceUpgradeStrategy,
     ResourceRequirements,
     SecretKeySelector,
+    SecretVolumeSource,
     Toleration,
     Volume,
     VolumeMount,
@@ -118,6 +124,20 @@ def replica_env(target: str) -> dict[str, str]:
 # The Hugging Face token's secret: the same name on Kubernetes and on Modal.
 HF_TOKEN_SECRET = "hf-token"  # kubectl create secret generic hf-token --from-literal=HF_TOKEN=...
 HF_TOKEN_KEY = "HF_TOKEN"
+
+# The API keys' secret (serve_apps.auth), mounted as a file on every worker, where the
+# ingress reads it (auth.keys_file in cluster/serve-prod.yaml); a rotated key reaches the
+# running pods without a restart. Optional: pods start without it, and an ingress with
+# auth on and no keys fails at start, saying so.
+#   kubectl create secret generic serve-apps-api-keys --from-file=keys=./keys.txt
+API_KEYS_SECRET = "serve-apps-api-keys"
+API_KEYS_VOLUME = "api-keys"
+API_KEYS_MOUNT = "/etc/serve-apps/api-keys"
+
+# Ray's metrics endpoint on every pod (KubeRay's default metrics-export-port), which the
+# PodMonitor scrapes: Ray's own metrics, Serve's, and ours (serve_apps.metrics).
+METRICS_PORT, METRICS_PORT_NAME = 8080, "metrics"
+RAY_NODE_LABEL = {"ray.io/is-ray-node": "yes"}  # KubeRay puts it on every Ray pod
 
 # ReadWriteMany storage classes: every worker pod mounts the same model cache.
 STORAGE_CLASS: dict[Cloud, str] = {
@@ -250,6 +270,7 @@ def _head_group() -> HeadGroupSpec:
                             ContainerPort(container_port=8265, name="dashboard"),
                             ContainerPort(container_port=10001, name="client"),
                             ContainerPort(container_port=SERVE_PORT, name="serve"),
+                            ContainerPort(container_port=METRICS_PORT, name=METRICS_PORT_NAME),
                         ],
                         resources=ResourceRequirements(
                             requests={"cpu": HEAD_CPUS, "memory": HEAD_MEMORY},
@@ -296,11 +317,17 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
                         name="ray-worker",
                         image=image(),
                         image_pull_policy="IfNotPresent",
-                        ports=[ContainerPort(container_port=SERVE_PORT, name="serve")],
+                        ports=[
+                            ContainerPort(container_port=SERVE_PORT, name="serve"),
+                            ContainerPort(container_port=METRICS_PORT, name=METRICS_PORT_NAME),
+                        ],
                         env=env,
                         resources=ResourceRequirements(requests=requests, limits=limits),
                         volume_mounts=[
-                            VolumeMount(name=MODEL_CACHE_PVC, mount_path=MODEL_CACHE_MOUNT)
+                            VolumeMount(name=MODEL_CACHE_PVC, mount_path=MODEL_CACHE_MOUNT),
+                            VolumeMount(
+                                name=API_KEYS_VOLUME, mount_path=API_KEYS_MOUNT, read_only=True
+                            ),
                         ],
                     )
                 ],
@@ -310,7 +337,13 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
                     for t in shape.tolerations
                 ]
                 or None,
-                volumes=[_model_cache_volume()],
+                volumes=[
+                    _model_cache_volume(),
+                    Volume(
+                        name=API_KEYS_VOLUME,
+                        secret=SecretVolumeSource(secret_name=API_KEYS_SECRET, optional=True),
+                    ),
+                ],
             )
         ),
     )
@@ -597,7 +630,52 @@ def render_tree(config_path: Path = PROD_CONFIG) -> dict[str, str]:
         files[f"overlays/{overlay}/workers.yaml"] = to_yaml(workers_patch, header=HEADER)
         files[f"overlays/{overlay}/storage.yaml"] = to_yaml(storage_patch, header=HEADER)
     files.update(component_files())
+    files.update(monitoring_files())
     return files
+
+
+def pod_monitor() -> PodMonitor:
+    """Prometheus Operator's scrape of Ray's metrics endpoint on every Ray pod."""
+    return PodMonitor(
+        metadata=ObjectMeta(name=NAME, labels={"app.kubernetes.io/name": NAME}),
+        spec=PodMonitorSpec(
+            job_label="ray.io/cluster",
+            selector=LabelSelector(match_labels=RAY_NODE_LABEL),
+            pod_metrics_endpoints=[
+                PodMetricsEndpoint(port=METRICS_PORT_NAME, path="/metrics", interval="15s")
+            ],
+        ),
+    )
+
+
+DASHBOARD_FILE = "grafana-dashboard.json"
+
+
+def monitoring_files() -> dict[str, str]:
+    """``k8s/monitoring/``: the PodMonitor, and the Grafana dashboard as a ConfigMap that
+    Grafana's dashboard sidecar loads (label ``grafana_dashboard: "1"``)."""
+    from .dashboard import dashboard
+
+    return {
+        "monitoring/kustomization.yaml": to_yaml(
+            Kustomization(
+                resources=["podmonitor.yaml"],
+                config_map_generator=[
+                    ConfigMapGenerator(
+                        name=f"{NAME}-dashboard",
+                        files=[DASHBOARD_FILE],
+                        options={
+                            "labels": {"grafana_dashboard": "1"},
+                            "disableNameSuffixHash": True,
+                        },
+                    )
+                ],
+            ).dump(),
+            header=HEADER,
+        ),
+        "monitoring/podmonitor.yaml": to_yaml(pod_monitor().dump(), header=HEADER),
+        f"monitoring/{DASHBOARD_FILE}": json.dumps(dashboard(), indent=2) + "\n",
+    }
 
 
 def rendered_dirs() -> list[str]:
@@ -605,6 +683,7 @@ def rendered_dirs() -> list[str]:
         "base",
         *(f"overlays/{o}" for o in OVERLAYS.values()),
         *(f"components/{c}" for c in COMPONENTS),
+        "monitoring",
     ]
 
 

@@ -72,6 +72,8 @@ image = (
 app = modal.App(PLAN.app_name, image=image)
 model_cache = modal.Volume.from_name(PLAN.volume_name, create_if_missing=True)
 secrets = [modal.Secret.from_name(name) for name in PLAN.secrets]
+# The API keys (auth.keys_env) reach the ingress only, never a model container.
+ingress_secrets = [modal.Secret.from_name(name) for name in PLAN.ingress_secrets]
 
 
 def _register(
@@ -79,13 +81,15 @@ def _register(
 ) -> tuple[object, type]:
     """Define the class ``plan.name`` at module level (Modal finds classes by name).
 
-    ``models``: the class loads models, so it mounts the model cache.
+    ``models``: the class loads models, so it mounts the model cache; otherwise it is the
+    ingress, which gets the API keys' secret (when auth is on).
     """
     host = type(plan.name, (base,), {"__module__": __name__, "__qualname__": plan.name, **attrs})
     concurrent = modal.concurrent(max_inputs=plan.max_inputs, target_inputs=plan.target_inputs)
     modal_cls: object = app.cls(
         **plan.cls_options(),
         volumes={PLAN.volume_mount: model_cache} if models else {},
+        secrets=[] if models else ingress_secrets,
     )(concurrent(host))
     globals()[plan.name] = modal_cls
     return modal_cls, host

@@ -142,6 +142,8 @@ class AppPlan(StrictModel):
     volume_mount: str
     env: dict[str, str]
     secrets: list[str]  # Modal secret names the prefetch function gets (none: public models)
+    # The ingress's: the API keys (modal.Secret setting auth.keys_env) when auth is on.
+    ingress_secrets: list[str] = []
     image: ImagePlan
 
     @property
@@ -296,7 +298,7 @@ def make_plan(
     """The Modal app for a Serve config. Raises :class:`PlanError` for what cannot deploy."""
     from cluster.findings import errors
     from cluster.lint import lint_config
-    from cluster.render import MODEL_CACHE_MOUNT, replica_env
+    from cluster.render import API_KEYS_SECRET, MODEL_CACHE_MOUNT, replica_env
     from cluster.serve_config import resolve_deployments
     from serve_apps.registry import INGRESS, AppArgs
 
@@ -336,6 +338,8 @@ def make_plan(
         volume_mount=MODEL_CACHE_MOUNT,
         env=replica_env("modal"),
         secrets=[hf_secret] if hf_secret else [],
+        # modal secret create serve-apps-api-keys SERVE_APPS_API_KEYS='team-a=sk-...'
+        ingress_secrets=[API_KEYS_SECRET] if args.auth.enabled else [],
         image=image_plan(args),
     )
 

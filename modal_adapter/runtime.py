@@ -106,6 +106,9 @@ class ServerHost:
 
     @modal.enter()
     async def load(self) -> None:
+        from serve_apps.request_context import log_json_to_stderr
+
+        log_json_to_stderr()  # JSON log lines with the request's ID (ServerHost.call binds it)
         await asyncio.gather(*(self._server(name) for name in self.SERVERS))
 
     @modal.method()
@@ -237,8 +240,11 @@ class IngressHost:
     def web(self) -> Any:
         from serve_apps.ingress import create_app
         from serve_apps.registry import AppArgs
+        from serve_apps.request_context import log_json_to_stderr
 
         local = modal.is_local()
+        if not local:
+            log_json_to_stderr()  # Modal's log view: JSON lines with request_id, key name
         handles = {
             service: ModalHandle(modal_cls, host_cls, deployment, local=local)
             for service, (modal_cls, host_cls, deployment) in self.SERVICES.items()

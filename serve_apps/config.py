@@ -491,6 +491,68 @@ class Limits(StrictModel):
             )
 
 
+class AuthConfig(StrictModel):
+    """API keys (``auth:``). The keys themselves are never in the config: they come from a
+    secret, the environment variable ``keys_env`` or the file ``keys_file`` (a mounted
+    Kubernetes Secret, a ``modal.Secret``), one ``name=key`` or ``name=sha256:<hex>`` per
+    line (commas separate them too). See :mod:`serve_apps.auth`."""
+
+    enabled: bool = Field(
+        default=False,
+        description="require an API key on every route but liveness (/health?deep=false)",
+    )
+    keys_env: str | None = Field(
+        default="SERVE_APPS_API_KEYS", description="environment variable holding the keys"
+    )
+    keys_file: str | None = Field(
+        default=None,
+        description="file holding the keys (re-read when it changes: a mounted Secret rotates "
+        "without a restart)",
+    )
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> AuthConfig:
+        if self.enabled and self.keys_env is None and self.keys_file is None:
+            raise ValueError("auth is enabled: name keys_env or keys_file, where the keys are")
+        return self
+
+
+class KeyLimits(StrictModel):
+    """Requests and tokens per minute for one API key (null: no limit)."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="prompt (estimated at ingress, 4 characters a token) + max_tokens reserved "
+        "when a request starts, settled to its usage when it ends",
+    )
+
+
+class RateLimits(KeyLimits):
+    """Per-key rate limits (``rate_limits:``): the defaults above for every key, ``keys:``
+    for named ones. Without auth every caller is one key, ``anonymous``."""
+
+    keys: dict[str, KeyLimits] = Field(
+        default_factory=dict, description="limits of named keys, instead of the defaults"
+    )
+    storage: str = Field(
+        default="auto",
+        min_length=1,
+        description="where the counters live: auto (a named Ray actor that every ingress "
+        "replica shares on Ray Serve; the process elsewhere), memory, or a storage URI of the "
+        "`limits` library (redis://host:6379, memcached://...) for several Modal containers",
+    )
+
+    def for_key(self, name: str) -> KeyLimits:
+        return self.keys.get(name, self)
+
+    @property
+    def enabled(self) -> bool:
+        limits = [self, *self.keys.values()]
+        return any(k.requests_per_minute or k.tokens_per_minute for k in limits)
+
+
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that records duplicate mapping keys instead of keeping the last one."""
 

@@ -38,16 +38,81 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from .config import ModelConfig
+from . import metrics
+from .config import KeyLimits, ModelConfig, RateLimits
 from .errors import InvalidRequestError, OverloadedError, UnavailableError, unwrap
 from .ingress import create_app
+from .ratelimit import Counters, Decision, SharedCounters, local_counters
 from .registry import INGRESS, INGRESS_CPUS, AppArgs, AppArgsBase, ServiceSpec
-from .request_context import RequestMeta, bind, current
+from .request_context import RequestMeta, bind, current, install_log_context
 from .worker_bundles import replica_placement
 
-__all__ = ["RayHandle", "bind_graph", "build_app"]
+__all__ = ["RayCounters", "RayHandle", "bind_graph", "build_app"]
 
 logger = logging.getLogger(__name__)
+
+
+def _replica_setup() -> None:
+    """What every replica process of the app does first: record metrics through Ray's
+    metrics (Ray's Prometheus exporter), and send our package's log lines where the
+    replica's own Serve log lines go (its log file; JSON with
+    ``LoggingConfig(encoding="JSON")``), with Serve's request ID and ours (the same
+    value) and the API key's name."""
+    metrics.use_ray()
+    install_log_context()
+    ours, serve_logger = logging.getLogger("serve_apps"), logging.getLogger("ray.serve")
+    for handler in serve_logger.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    if serve_logger.handlers:
+        ours.propagate = False
+        if ours.level == logging.NOTSET:
+            ours.setLevel(serve_logger.level or logging.INFO)
+
+
+RATE_LIMIT_NAMESPACE = "serve_apps"
+
+
+class RayCounters:
+    """The rate-limit counters of one Serve application in one named Ray actor, which
+    every ingress replica finds by name (``get_if_exists``): the limits hold however many
+    ingress replicas there are. The actor runs calls one at a time, so each step is atomic.
+    Detached, so it outlives the replica that happened to create it."""
+
+    def __init__(self, app_name: str, storage_uri: str = "memory://"):
+        import ray
+
+        actor = ray.remote(num_cpus=0, max_restarts=-1)(Counters)
+        self.name = f"rate-limits:{app_name}"
+        self._actor: Any = actor.options(
+            name=self.name,
+            namespace=RATE_LIMIT_NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+        ).remote(storage_uri)
+
+    async def admit(self, key: str, limits: KeyLimits) -> Decision:
+        decision: Decision = await self._actor.admit.remote(key, limits)
+        return decision
+
+    async def reserve(self, key: str, limits: KeyLimits, amount: int) -> Decision:
+        decision: Decision = await self._actor.reserve.remote(key, limits, amount)
+        return decision
+
+    async def settle(self, key: str, limits: KeyLimits, delta: int, window_reset_at: float) -> None:
+        # Not awaited: nothing waits for it, and Ray runs an actor's calls from one caller in
+        # the order they were made, so this replica's next admit/reserve sees it settled.
+        self._actor.settle.remote(key, limits, delta, window_reset_at)
+
+
+def shared_counters(config: RateLimits) -> SharedCounters | None:
+    """Where an ingress replica counts: ``auto``: the application's :class:`RayCounters`;
+    ``memory``: this replica alone; a ``limits`` URI: that storage."""
+    if not config.enabled:
+        return None
+    if config.storage != "auto":
+        return local_counters(config)
+    return RayCounters(serve.get_replica_context().app_name)
 
 
 class RayHandle:
@@ -151,6 +216,7 @@ def _replica_class(spec: ServiceSpec[Any, Any]) -> type:
             placement_group = get_current_placement_group()
             if placement_group is not None and _takes_placement_group(server_class):
                 kwargs["placement_group"] = placement_group
+            _replica_setup()
             parsed = server_class.config_type.model_validate(config)
             super().__init__(parsed, **kwargs)
             await self.start()
@@ -209,8 +275,13 @@ class _IngressReplica:
     """The FastAPI ingress; it holds a handle per service."""
 
     def __init__(self, args: dict[str, Any], handles: dict[str, DeploymentHandle]):
+        _replica_setup()
+        app_args = AppArgs.model_validate(args)
         self._app = create_app(
-            AppArgs.model_validate(args), {k: RayHandle(h) for k, h in handles.items()}
+            app_args,
+            {k: RayHandle(h) for k, h in handles.items()},
+            counters=shared_counters(app_args.rate_limits),
+            echo_adopted_id=False,  # Serve's proxy returns it
         )
 
     def __serve_build_asgi_app__(self) -> Any:

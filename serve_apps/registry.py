@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
+from . import front_door
 from .clients import Client, DetectorClient, GrounderClient, LLMClient, SegmenterClient
 from .config import (
     AdapterConfig,
+    AuthConfig,
     CompatConfig,
     DetectorConfig,
     GrounderConfig,
@@ -46,6 +48,7 @@ from .config import (
     Limits,
     ModalArgs,
     ModelConfig,
+    RateLimits,
     SAMConfig,
     Settings,
 )
@@ -186,6 +189,8 @@ class AppArgsBase(StrictModel):
     images: ImageLimits = ImageLimits()
     modal: ModalArgs = ModalArgs()
     compat: CompatConfig = CompatConfig()
+    auth: AuthConfig = AuthConfig()
+    rate_limits: RateLimits = RateLimits()
 
     def config(self, spec: ServiceSpec[C, Any]) -> C | None:
         """The config of one service (None when it is off), typed by its entry."""
@@ -325,6 +330,7 @@ class AppContext:
                     f"name a model: the default {default.key} service is not configured",
                     param="model",
                 )
+            front_door.record_model(self.args.model_configs()[default.key].served_model_name)
             return default.key, client
         key = self.model_services.get(model)
         if key is None:
@@ -337,7 +343,14 @@ class AppContext:
         config = self.args.model_configs()[key]
         if model != config.served_model_name:  # an adapter: route by its name
             found = found.for_model(model)
+        front_door.record_model(model)
         return key, found
+
+    async def reserve_tokens(self, key: str, texts: list[str], max_tokens: int | None) -> None:
+        """Reserve a generation's tokens for its API key's tokens-per-minute limit (429
+        when they do not fit): its text, and ``max_tokens`` or the model's default."""
+        budget = max_tokens or self.args.model_configs()[key].default_max_tokens
+        await front_door.reserve_tokens(sum(len(t) for t in texts), budget)
 
     def routers(self) -> list[APIRouter]:
         """The routers to mount: the ones every app has, then each enabled service's."""

@@ -33,7 +33,9 @@ def assert_envelope(
         body = {k: v for k, v in body.items() if k != "success"}
     assert set(body) == {"error"}, body
     err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
+    assert set(err) - {"request_id"} == {"message", "type", "param", "code"}, err
+    if "request_id" in err:
+        assert response.headers.get_list("x-request-id") == [err["request_id"]], err
     assert isinstance(err["message"], str) and err["message"]
     if code is not None:
         assert err["code"] == code, err

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .. import metrics
 from ..errors import ConstraintError
 from .base import Constraint
 
@@ -142,8 +143,13 @@ class ConstraintCompiler:
             if proto is not None:
                 self._cache.move_to_end(key)
                 self.hits += 1
+        metrics.inc(metrics.CONSTRAINT_CACHE, result="miss" if proto is None else "hit")
         if proto is None:
+            t0 = time.perf_counter()
             proto = self._compile(constraint)
+            metrics.observe(
+                metrics.CONSTRAINT_COMPILE, time.perf_counter() - t0, kind=constraint.kind
+            )
             with self._lock:
                 self.misses += 1
                 self._cache[key] = proto

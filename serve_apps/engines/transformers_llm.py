@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import queue
 import random
 import threading
@@ -38,6 +39,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .. import metrics
 from ..errors import EngineError, OverloadedError, ServeAppError
 from .adapters import AdapterSource, PeftAdapters, unknown_adapter
 from .base import (
@@ -471,6 +473,7 @@ class TransformersEngine(TokenizedEngine):
 
     def _step(self, new: list[_Sequence]) -> None:
         """One scheduler step; a failure fails only the requests it touched."""
+        self._record_load()
         late = [s for s in self._active if not s.done and s.request.past_deadline()]
         self._fail(late, deadline_error("while it was generating"))
         self._drop_finished()
@@ -508,6 +511,12 @@ class TransformersEngine(TokenizedEngine):
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 logger.warning("dropped %d outputs for a closed event loop", len(items))
+
+    def _record_load(self) -> None:
+        """The queue depth and running batch size gauges (one sample a step)."""
+        model = os.path.basename(str(self.model_name_or_path).rstrip("/"))
+        metrics.set_gauge(metrics.ENGINE_QUEUE_DEPTH, self._waiting.qsize(), model=model)
+        metrics.set_gauge(metrics.ENGINE_BATCH_SIZE, len(self._active), model=model)
 
     @staticmethod
     def _fail(seqs: list[_Sequence], e: BaseException) -> None:

@@ -186,6 +186,22 @@ def local_adapter_path(source: AdapterSource) -> str:
     return str(snapshot_download(source.path, revision=source.revision))
 
 
+def _ray_stat_loggers() -> list[Any] | None:
+    """vLLM's own stats, where they reach the same exporter as ours: in a Ray Serve replica
+    (``serve_apps.metrics`` on its Ray backend), vLLM's ``RayPrometheusStatLogger`` records
+    them through Ray's metrics. Elsewhere they stay off (vLLM's default logger writes to
+    prometheus_client's global registry, which no ``/metrics`` of ours serves)."""
+    from .. import metrics
+
+    if metrics.exports_http():
+        return None
+    try:
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+    except ImportError:  # a vLLM without it: no stats rather than no engine
+        return None
+    return [RayPrometheusStatLogger]
+
+
 class VLLMEngine(TokenizedEngine):
     """A causal LM served by vLLM's ``AsyncLLM`` behind the engine contract."""
 
@@ -320,7 +336,10 @@ class VLLMEngine(TokenizedEngine):
             # (vllm-project/vllm#14705; the V1 Ray executor otherwise loses the group:
             # vllm-project/vllm#29688, ray-project/ray#59064).
             vllm_config.parallel_config.placement_group = self._placement_group
-        return async_llm.from_vllm_config(vllm_config, disable_log_stats=True)
+        stat_loggers = _ray_stat_loggers()
+        return async_llm.from_vllm_config(
+            vllm_config, stat_loggers=stat_loggers, disable_log_stats=stat_loggers is None
+        )
 
     def _load_tokenizer_facts(self) -> None:
         self.tokenizer = self._llm.get_tokenizer()

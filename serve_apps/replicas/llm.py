@@ -72,8 +72,15 @@ def _image_from_data_url(url: str) -> Any:
 
 
 def _usage(outs: Sequence[GenerationOutput]) -> Usage:
-    """One prompt, ``n`` completions."""
+    """One prompt, ``n`` completions; logged (counts and finish reasons, never text), with
+    the request's ID and key name (:func:`serve_apps.request_context.install_log_context`)."""
     completion = sum(o.completion_tokens for o in outs)
+    logger.info(
+        "generation finished: %d prompt tokens, %d generated, %s",
+        outs[0].prompt_tokens,
+        completion,
+        ",".join(str(o.finish_reason) for o in outs),
+    )
     return Usage(
         prompt_tokens=outs[0].prompt_tokens,
         completion_tokens=completion,

@@ -66,6 +66,7 @@ async def chat_completions(ctx: AppContext, req: ChatCompletionRequest) -> Any:
     req.check_supported()
     ctx.args.limits.check_max_tokens(req.requested_max_tokens())
     key, client = ctx.model_client(req.model, LLM)
+    await ctx.reserve_tokens(key, [m.text() for m in req.messages], req.requested_max_tokens())
     if any(m.has_images() for m in req.messages):
         if ctx.args.model_configs()[key].modality != "image-text":
             raise UnsupportedError(f"model {req.model} does not take images", param="messages")
@@ -79,7 +80,8 @@ async def chat_completions(ctx: AppContext, req: ChatCompletionRequest) -> Any:
 async def completions(ctx: AppContext, req: CompletionRequest) -> Any:
     req.check_supported()
     ctx.args.limits.check_max_tokens(req.requested_max_tokens())
-    _, client = ctx.model_client(req.model, LLM)
+    key, client = ctx.model_client(req.model, LLM)
+    await ctx.reserve_tokens(key, [req.prompt_text()], req.requested_max_tokens())
     if req.stream:
         return await sse_response(client.completion_stream(req))
     return await client.completion(req)

@@ -143,6 +143,9 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None
     code: str | None
+    request_id: str | None = Field(
+        default=None, description="the request's x-request-id, to quote in a support request"
+    )
 
 
 class ErrorResponse(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -142,8 +143,12 @@ def test_the_prefetch_job_fetches_what_the_config_names_onto_the_workers_volume(
         assert wenv["SERVE_APPS_OFFLINE_MODELS"] == "1"
         for name in ("HF_HOME", "SERVE_APPS_CACHE_DIR", "VLLM_CACHE_ROOT"):
             assert wenv[name] == env[name]["value"]
-        assert worker["volumeMounts"] == container["volumeMounts"]
-        assert group["template"]["spec"]["volumes"] == pod["volumes"]
+        # The same model cache (workers also mount the API keys' Secret).
+        cache = {m["name"] for m in container["volumeMounts"]}
+        mounts = worker["volumeMounts"]
+        assert [m for m in mounts if m["name"] in cache] == container["volumeMounts"]
+        volumes = group["template"]["spec"]["volumes"]
+        assert [v for v in volumes if v["name"] in cache] == pod["volumes"]
 
 
 @pytest.mark.parametrize("cloud", list(OVERLAYS))
@@ -218,3 +223,48 @@ def test_workers_ask_for_local_disk_without_a_cap(prod_config):
 
     gpu, cpu = A100_40GB.shape("gke"), CPU.shape("gke")
     assert ephemeral_storage_gib(gpu) > ephemeral_storage_gib(cpu)
+
+
+def test_the_api_keys_secret_is_referenced_never_inlined(rayservice_schema, prod_config):
+    from cluster.render import API_KEYS_MOUNT, API_KEYS_SECRET
+
+    rs = render_rayservice(prod_config, "gke").rayservice.dump()
+    assert validate(rs, rayservice_schema) == []
+    config = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    auth = config["applications"][0]["args"]["auth"]
+    assert auth["enabled"] is True and auth["keys_file"].startswith(API_KEYS_MOUNT + "/")
+    for group in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        (volume,) = [v for v in pod["volumes"] if "secret" in v]
+        assert volume["secret"] == {"secretName": API_KEYS_SECRET, "optional": True}
+        (container,) = pod["containers"]
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        assert mounts[volume["name"]] == {
+            "name": volume["name"],
+            "mountPath": API_KEYS_MOUNT,
+            "readOnly": True,
+        }
+        # The metrics port the PodMonitor scrapes.
+        assert {"containerPort": 8080, "name": "metrics"} in container["ports"]
+        # One secret object as a pod would get it validates as Kubernetes' core schema.
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod},
+            K8S_VERSION,
+            strict=True,
+        )
+
+
+def test_the_pod_monitor_and_dashboard_match_the_pods_and_the_metrics():
+    from cluster.render import METRICS_PORT_NAME, RAY_NODE_LABEL
+    from serve_apps.metrics import METRICS
+
+    (pm,) = _docs(K8S_DIR / "monitoring/podmonitor.yaml")
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1" and pm["kind"] == "PodMonitor"
+    assert pm["spec"]["selector"] == {"matchLabels": RAY_NODE_LABEL}
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == [METRICS_PORT_NAME]
+    dashboard = json.loads((K8S_DIR / "monitoring/grafana-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    for m in METRICS:
+        assert f"ray_{m.name}" in exprs
+    (kustomization,) = _docs(K8S_DIR / "monitoring/kustomization.yaml")
+    assert kustomization["resources"] == ["podmonitor.yaml"]

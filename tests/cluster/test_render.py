@@ -115,10 +115,14 @@ def test_model_cache_on_every_worker_and_the_token_only_by_reference(rendered):
     _, rs = rendered
     for w in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         spec = w["template"]["spec"]
-        claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"]]
+        claims = [
+            v["persistentVolumeClaim"]["claimName"]
+            for v in spec["volumes"]
+            if "persistentVolumeClaim" in v
+        ]
         assert claims == ["model-cache"]
         mounts = spec["containers"][0]["volumeMounts"]
-        assert [m["name"] for m in mounts] == ["model-cache"]
+        assert [m["name"] for m in mounts] == ["model-cache", "api-keys"]
         env = {e["name"]: e for e in spec["containers"][0]["env"]}
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
         assert env["HF_HOME"]["value"].startswith(mounts[0]["mountPath"])

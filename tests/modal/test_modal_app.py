@@ -156,7 +156,9 @@ def test_bad_overrides_are_plan_errors(override, message):
         planning.make_plan(config, "prod", "x", "test")
 
 
-def test_model_classes_mount_the_model_cache_the_ingress_does_not(prod_app):
+def test_model_classes_mount_the_model_cache_and_get_the_token_the_ingress_the_api_keys(
+    prod_app,
+):
     for plan in prod_app.PLAN.deployments:
         info = getattr(prod_app, plan.name)._get_class_service_function().info()
         assert set(info.volumes) == {MODEL_CACHE_MOUNT}
@@ -166,7 +168,9 @@ def test_model_classes_mount_the_model_cache_the_ingress_does_not(prod_app):
         )  # they load from the volume: no token (tests/modal/test_modal_deploy.py)
         assert info.method_names == ["call", "stream"]
     ingress = prod_app.Ingress._get_class_service_function().info()
-    assert ingress.volumes == {} and ingress.secrets == []
+    # auth is on in the production config: the ingress (only) gets the API keys' secret.
+    assert ingress.volumes == {} and len(ingress.secrets) == 1
+    assert "serve-apps-api-keys" in ingress.secrets[0]
     assert list(ingress.method_details) == ["web"]
 
 

@@ -69,9 +69,10 @@ def test_the_source_mount_ships_the_package_data_the_code_reads(prod_app):
 def test_the_hf_token_secret_is_optional_and_goes_to_the_prefetch_only(prod_app, tmp_path):
     assert prod_app.PLAN.secrets == []
     assert prod_app.prefetch.info().secrets == []
+    # No class gets the token (the ingress gets the API keys' secret only: auth is on).
     for plan in prod_app.PLAN.classes:
         info = getattr(prod_app, plan.name)._get_class_service_function().info()
-        assert info.secrets == [], plan.name
+        assert not any("hf-token" in s for s in info.secrets), plan.name
     with_token = load_modal_app(
         PROD, "prod", "modal_app_with_token", env={"SERVE_APPS_MODAL_HF_SECRET": "hf-token"}
     )
@@ -80,7 +81,7 @@ def test_the_hf_token_secret_is_optional_and_goes_to_the_prefetch_only(prod_app,
     assert "hf-token" in secret
     for plan in with_token.PLAN.classes:
         info = getattr(with_token, plan.name)._get_class_service_function().info()
-        assert info.secrets == [], plan.name
+        assert not any("hf-token" in s for s in info.secrets), plan.name
 
 
 def test_prefetch_and_smoke_test_are_what_modal_run_finds(prod_app):

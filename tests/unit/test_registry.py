@@ -22,12 +22,8 @@ from tests.helpers import assert_envelope
 
 
 def test_app_args_has_one_field_per_service_and_the_shared_sections():
-    assert set(AppArgs.model_fields) == {s.key for s in SERVICES} | {
-        "limits",
-        "images",
-        "modal",
-        "compat",
-    }
+    shared = {"limits", "images", "modal", "compat", "auth", "rate_limits"}
+    assert set(AppArgs.model_fields) == {s.key for s in SERVICES} | shared
     for s in SERVICES:
         field = AppArgs.model_fields[s.key]
         assert field.description == s.description
