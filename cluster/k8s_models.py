@@ -65,6 +65,7 @@ class VolumeMount(K8sModel):
 class Container(K8sModel):
     name: str
     image: str
+    command: list[str] | None = None
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
     ports: list[ContainerPort] | None = None
     env: list[EnvVar] | None = None
@@ -90,6 +91,7 @@ class Volume(K8sModel):
 
 class PodSpec(K8sModel):
     containers: list[Container]
+    restart_policy: Literal["Always", "OnFailure", "Never"] | None = None
     node_selector: dict[str, str] | None = None
     tolerations: list[Toleration] | None = None
     volumes: list[Volume] | None = None
@@ -115,6 +117,35 @@ class PersistentVolumeClaim(K8sModel):
     kind: Literal["PersistentVolumeClaim"] = "PersistentVolumeClaim"
     metadata: ObjectMeta
     spec: PersistentVolumeClaimSpec
+
+
+# --- batch/v1 ---------------------------------------------------------------------------
+
+
+class JobSpec(K8sModel):
+    backoff_limit: int
+    active_deadline_seconds: int | None = None
+    template: PodTemplateSpec
+
+
+class JobTemplateSpec(K8sModel):
+    spec: JobSpec
+
+
+class CronJobSpec(K8sModel):
+    schedule: str
+    concurrency_policy: Literal["Allow", "Forbid", "Replace"]
+    starting_deadline_seconds: int | None = None
+    successful_jobs_history_limit: int | None = None
+    failed_jobs_history_limit: int | None = None
+    job_template: JobTemplateSpec
+
+
+class CronJob(K8sModel):
+    api_version: Literal["batch/v1"] = "batch/v1"
+    kind: Literal["CronJob"] = "CronJob"
+    metadata: ObjectMeta
+    spec: CronJobSpec
 
 
 # --- ray.io/v1 (KubeRay v1.7.0) -----------------------------------------------------

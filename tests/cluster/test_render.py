@@ -67,9 +67,10 @@ def test_one_worker_group_per_pool_with_bounds_from_the_deployments(rendered, pr
         assert w["replicas"] == w["minReplicas"]
     bounds = {w["groupName"]: (w["minReplicas"], w["maxReplicas"]) for w in workers}
     # LLM 1..3 and Codegen 0..2 at 1 GPU each; Detector 1..2 and SAM 1..2 at half a GPU
-    # (two per 1-GPU node); Ingress 1..2 and Grounder 1..2 at 1 CPU of a 6-CPU pod.
+    # (two per 1-GPU node); Ingress 1..2, Grounder 1..2 and BatchRunner 1..1 at 1 CPU of a
+    # 6-CPU pod.
     expected = {
-        "gke": {"a100-80gb": (1, 5), "a100-40gb": (1, 2), "cpu": (1, 2)},
+        "gke": {"a100-80gb": (1, 5), "a100-40gb": (1, 2), "cpu": (1, 3)},
         "eks": {"a100-80gb": (1, 2), "a100-40gb": (1, 2)},
     }
     assert bounds.items() >= expected[cloud].items()
