@@ -69,14 +69,34 @@ def _register(
     return modal_cls, host
 
 
-# One class per deployment the config turns on: LLM, Codegen, Detector, SAM, Grounder.
+# One class per deployment the config turns on: LLM, Codegen, Detector, SAM, Grounder;
+# then the ones that call the others (the batch runner), given their classes.
 SERVICES = {
     plan.service: _register(
         plan, ServerHost, {"DEPLOYMENT": plan.name, "CONFIG": plan.config}, models=True
     )
     for plan in PLAN.deployments
-    if plan.service is not None
+    if plan.service is not None and not plan.graph
 }
+GRAPH_SERVICES = {
+    plan.service: _register(
+        plan,
+        ServerHost,
+        {
+            "DEPLOYMENT": plan.name,
+            "CONFIG": plan.config,
+            "ARGS": PLAN.args,
+            "SERVICES": dict(SERVICES),
+        },
+        models=True,
+    )
+    for plan in PLAN.deployments
+    if plan.service is not None and plan.graph
+}
+# With the batch API on, the ingress reads the batch store, kept on the model-cache Volume.
 Ingress, _ = _register(
-    PLAN.ingress, IngressHost, {"ARGS": PLAN.args, "SERVICES": SERVICES}, models=False
+    PLAN.ingress,
+    IngressHost,
+    {"ARGS": PLAN.args, "SERVICES": {**SERVICES, **GRAPH_SERVICES}},
+    models=bool(GRAPH_SERVICES),
 )

@@ -83,6 +83,7 @@ class ClassPlan(StrictModel):
     startup_timeout: int
     max_inputs: int
     target_inputs: int | None
+    graph: bool = False  # its server calls the other classes (ServiceSpec.graph)
 
     def cls_options(self) -> dict[str, Any]:
         """Keyword arguments of ``app.cls`` (volumes and secrets are added by the app)."""
@@ -143,7 +144,12 @@ def scaledown_window(mode: Mode, downscale_delay_s: float) -> int:
 
 
 def _class_plan(
-    name: str, service: str | None, config: dict[str, Any] | None, deployment: Any, mode: Mode
+    name: str,
+    service: str | None,
+    config: dict[str, Any] | None,
+    deployment: Any,
+    mode: Mode,
+    graph: bool = False,
 ) -> ClassPlan:
     from ray.serve.config import AutoscalingConfig
 
@@ -176,6 +182,7 @@ def _class_plan(
         startup_timeout=STARTUP_TIMEOUT_S["gpu" if gpu else "cpu"],
         max_inputs=max_inputs,
         target_inputs=target,
+        graph=graph,
     )
 
 
@@ -216,7 +223,7 @@ def make_plan(config: dict[str, Any], mode: Mode, app_name: str, source: str) ->
     args = AppArgs.model_validate(apps[0].get("args") or {})
     resolved = {d.name: d for d in resolve_deployments(config).deployments}
     deployments = [
-        _class_plan(s.name, s.key, cfg.model_dump(mode="json"), resolved[s.name], mode)
+        _class_plan(s.name, s.key, cfg.model_dump(mode="json"), resolved[s.name], mode, s.graph)
         for s, cfg in args.enabled()
     ]
     from_hub = any(getattr(cfg, "model", None) for _, cfg in args.enabled())

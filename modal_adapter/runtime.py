@@ -42,6 +42,10 @@ class ServerHost:
 
     DEPLOYMENT: ClassVar[str] = ""
     CONFIG: ClassVar[dict[str, Any]] = {}
+    # A service that calls the graph (ServiceSpec.graph, the batch runner) also gets the
+    # app's args and the other services' classes (service -> (Modal class, host class)).
+    ARGS: ClassVar[dict[str, Any]] = {}
+    SERVICES: ClassVar[dict[str, tuple[Any, type[ServerHost]]]] = {}
     # Keyed by the host class: one server per deployment class, whoever calls.
     _servers: ClassVar[dict[type, Any]] = {}
     _starting: ClassVar[dict[type, asyncio.Task[Any]]] = {}
@@ -64,7 +68,21 @@ class ServerHost:
     async def _start(self) -> Any:
         from serve_apps.registry import spec
 
-        server = spec(self.DEPLOYMENT).build(self.CONFIG)
+        entry = spec(self.DEPLOYMENT)
+        kwargs: dict[str, Any] = {}
+        if entry.graph:
+            from serve_apps.batch.runner import Graph
+            from serve_apps.registry import AppArgs
+
+            local = modal.is_local()
+            kwargs["graph"] = Graph(
+                AppArgs.model_validate(self.ARGS),
+                {
+                    service: ModalHandle(modal_cls, host_cls, local=local)
+                    for service, (modal_cls, host_cls) in self.SERVICES.items()
+                },
+            )
+        server = entry.build(self.CONFIG, **kwargs)
         await server.start()
         ServerHost._servers[type(self)] = server
         return server
