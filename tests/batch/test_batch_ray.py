@@ -194,3 +194,58 @@ def test_the_official_openai_client(batch_url, tmp_path):
     text = client.files.content(batch.output_file_id).text
     assert sorted(line.split('"custom_id": "')[1][0] for line in text.splitlines()) == ["x", "y"]
     assert any(b.id == batch.id for b in client.batches.list())
+
+
+def test_the_cli_submits_follows_and_fetches(batch_url, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"page{i}.png").write_bytes(scene_png(seed=i))
+    cli = [sys.executable, "-m", "serve_apps.cli", "batch"]
+    made = subprocess.run(
+        [
+            *cli,
+            "images",
+            str(folder),
+            "-o",
+            str(tmp_path / "in.jsonl"),
+            "--endpoint",
+            "/v1/detect",
+            "--categories",
+            "text",
+            "--max-tokens",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "3 lines" in made.stdout
+    server = ["--base-url", batch_url]
+    submitted = subprocess.run(
+        [
+            *cli,
+            "submit",
+            str(tmp_path / "in.jsonl"),
+            "--endpoint",
+            "/v1/detect",
+            "--wait",
+            "--interval",
+            "0.2",
+            *server,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.split()[0]
+    assert "completed: 3 completed, 0 failed of 3" in submitted.stdout
+    out = tmp_path / "out.jsonl"
+    subprocess.run([*cli, "results", batch_id, "-o", str(out), *server], check=True)
+    ids = sorted(json.loads(line)["custom_id"] for line in out.read_text().splitlines())
+    assert ids == ["page0.png", "page1.png", "page2.png"]

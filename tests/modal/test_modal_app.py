@@ -163,3 +163,18 @@ def test_the_adapter_uses_no_deprecated_modal_form():
         code = path.read_text()
         for pattern in DEPRECATED:
             assert not re.search(pattern, code), f"{path.name} uses {pattern}"
+
+
+def test_the_scheduled_batch_app_runs_daily_over_its_inbox():
+    import importlib.util
+
+    import modal
+
+    spec = importlib.util.spec_from_file_location(
+        "scheduled_batch", REPO / "modal_adapter" / "scheduled_batch.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert isinstance(module.SCHEDULE, modal.Cron)
+    assert "submit_inbox" in module.app.registered_functions
