@@ -177,4 +177,4 @@ def test_the_scheduled_batch_app_runs_daily_over_its_inbox():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert isinstance(module.SCHEDULE, modal.Cron)
-    assert "submit_inbox" in module.app.registered_functions
+    assert isinstance(module.submit_inbox, modal.Function)
