@@ -266,15 +266,16 @@ class BatchStore:
     def claim(self, owner: str, lease_s: float, limit: int) -> list[str]:
         """Batches with work left (active, or ended with a webhook still to deliver) that
         ``owner`` holds or may take (no owner, or a lease that ran out), oldest first;
-        their lease is (re)taken for ``lease_s`` seconds."""
+        their lease is (re)taken for ``lease_s`` seconds. The ones ``owner`` holds come first,
+        so its leases are renewed before it takes more."""
         now = time.time()
         with self._transaction() as db:
             rows = db.execute(
                 "SELECT id FROM batches WHERE (status IN (?, ?, ?, ?)"
                 " OR webhook_state = 'pending')"
                 " AND (owner IS NULL OR owner = ? OR lease_until < ?)"
-                " ORDER BY created_at, id LIMIT ?",
-                (*ACTIVE, owner, now, limit),
+                " ORDER BY owner IS ? DESC, created_at, id LIMIT ?",
+                (*ACTIVE, owner, now, owner, limit),
             ).fetchall()
             ids = [r["id"] for r in rows]
             db.executemany(

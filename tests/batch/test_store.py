@@ -122,3 +122,12 @@ def test_streaming_lines_and_too_many_lines_fail_validation():
         jsonl([chat_line(str(i), "hi") for i in range(3)]), "/v1/chat/completions", 2
     )
     assert problems[0]["code"] == "too_many_lines"
+
+
+def test_a_runner_renews_its_own_leases_before_taking_more(tmp_path):
+    store = BatchStore(tmp_path)
+    older, newer = make_batch(store), make_batch(store)
+    with store._transaction() as db:  # `a` holds the newer one; the older one is free
+        db.execute("UPDATE batches SET owner = 'a', lease_until = 1e12 WHERE id = ?", (newer,))
+    assert store.claim("a", 30, 1) == [newer]
+    assert store.claim("b", 30, 1) == [older]
