@@ -8,7 +8,15 @@ import time
 from typing import Any
 
 # Fields of an answer that differ between two runs of the same request.
-VOLATILE = {"id", "created", "timings_ms", "generation_time_ms", "tokens_per_sec"}
+VOLATILE = {
+    "id",
+    "created",
+    "timings_ms",
+    "generation_time_ms",
+    "tokens_per_sec",
+    "generation_time",
+    "inference_time",
+}
 
 
 def stable(value: Any) -> Any:
