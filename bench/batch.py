@@ -147,7 +147,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    idle_p50, busy_p50 = percentile(result["idle"], 50), percentile(result["busy"], 50)
+    idle_p50, busy_p50 = percentile(result["idle"], 0.5), percentile(result["busy"], 0.5)
     rows = [
         [
             "interactive",
@@ -159,11 +159,11 @@ def main() -> None:
     ]
     ratio = result["interactive_s"] / result["batch_s"]
     latency = [
-        ["idle", f"{idle_p50 * 1000:.0f}", f"{percentile(result['idle'], 90) * 1000:.0f}"],
+        ["idle", f"{idle_p50 * 1000:.0f}", f"{percentile(result['idle'], 0.9) * 1000:.0f}"],
         [
             "a batch running",
             f"{busy_p50 * 1000:.0f}",
-            f"{percentile(result['busy'], 90) * 1000:.0f}",
+            f"{percentile(result['busy'], 0.9) * 1000:.0f}",
         ],
     ]
     body_md = (

@@ -52,17 +52,18 @@ secrets = [modal.Secret.from_name(name) for name in PLAN.secrets]
 
 
 def _register(
-    plan: ClassPlan, base: type, attrs: dict[str, object], *, models: bool
+    plan: ClassPlan, base: type, attrs: dict[str, object], *, models: bool, cache: bool = False
 ) -> tuple[object, type]:
     """Define the class ``plan.name`` at module level (Modal finds classes by name).
 
-    ``models``: the class loads models, so it mounts the model cache and gets the secrets.
+    ``models``: the class loads models, so it mounts the model cache and gets the secrets;
+    ``cache``: it mounts the model cache only (the ingress, for the batch store).
     """
     host = type(plan.name, (base,), {"__module__": __name__, "__qualname__": plan.name, **attrs})
     concurrent = modal.concurrent(max_inputs=plan.max_inputs, target_inputs=plan.target_inputs)
     modal_cls: object = app.cls(
         **plan.cls_options(),
-        volumes={PLAN.volume_mount: model_cache} if models else {},
+        volumes={PLAN.volume_mount: model_cache} if models or cache else {},
         secrets=secrets if models else [],
     )(concurrent(host))
     globals()[plan.name] = modal_cls
@@ -98,5 +99,6 @@ Ingress, _ = _register(
     PLAN.ingress,
     IngressHost,
     {"ARGS": PLAN.args, "SERVICES": {**SERVICES, **GRAPH_SERVICES}},
-    models=bool(GRAPH_SERVICES),
+    models=False,
+    cache=bool(GRAPH_SERVICES),
 )

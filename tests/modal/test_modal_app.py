@@ -94,7 +94,9 @@ def test_model_classes_mount_the_model_cache_and_get_the_token_the_ingress_does_
         assert len(info.secrets) == 1 and "hf-token" in info.secrets[0]
         assert info.method_names == ["call", "stream"]
     ingress = prod_app.Ingress._get_class_service_function().info()
-    assert ingress.volumes == {} and ingress.secrets == []
+    # The ingress gets no token; it mounts the cache only for the batch store (batch is on).
+    assert prod_app.GRAPH_SERVICES and set(ingress.volumes) == {MODEL_CACHE_MOUNT}
+    assert ingress.secrets == []
     assert list(ingress.method_details) == ["web"]
 
 
