@@ -8,6 +8,13 @@ fake multi-node cluster config.
     python -m cluster fake-cluster [--config FILE] [--cloud gke] --gcs-address HOST:PORT
                                                      the fake_multinode autoscaler YAML
     python -m cluster plan [--config FILE]           the worker-group bounds and why
+    python -m cluster check-capacity [--config FILE] [--address auto]
+                                                     before `serve run` on a running Ray
+                                                     cluster: exit 1 naming a resource no
+                                                     node has (Serve would wait forever)
+    python -m cluster cost [--config FILE] (--trace CSV | --shape SHAPE --rps R)
+                           [--prices FILE] [--service-time NAME=S] [--plot PNG]
+                                                     cost per target and service, break-even
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cost_inputs import SHAPES
 from .findings import errors
 from .pools import CLOUDS
 
@@ -45,13 +53,46 @@ def main(argv: list[str] | None = None) -> int:
     plan_cmd = sub.add_parser("plan", help="worker-group bounds per cloud, with the reasons")
     plan_cmd.add_argument("--config", type=Path, default=None)
 
+    capacity = sub.add_parser(
+        "check-capacity", help="can the running Ray cluster's nodes host every deployment?"
+    )
+    capacity.add_argument("--config", type=Path, default=None)
+    capacity.add_argument("--address", default="auto", help="the Ray cluster (default: auto)")
+    cost = sub.add_parser("cost", help="simulate a load trace's cost on KubeRay and Modal")
+    cost.add_argument("--config", type=Path, default=None, help="default: cluster/serve-prod.yaml")
+    cost.add_argument("--trace", type=Path, help="CSV: timestamp,route,count")
+    cost.add_argument("--shape", default="steady", help="built-in trace: " + ", ".join(SHAPES))
+    cost.add_argument("--rps", type=float, default=1.0, help="built-in trace's mean req/s")
+    cost.add_argument("--mix", default=None, help="built-in trace's routes: chat=0.7,generate=0.3")
+    cost.add_argument("--prices", type=Path, default=None, help="default: cluster/prices.yaml")
+    cost.add_argument(
+        "--service-time",
+        action="append",
+        default=[],
+        metavar="NAME=S",
+        help="seconds one request holds a slot of deployment NAME (measured: bench/)",
+    )
+    cost.add_argument("--cloud", choices=CLOUDS, action="append", help="default: both")
+    cost.add_argument("--plot", type=Path, help="write a PNG (needs the `cost` extra)")
+    cost.add_argument(
+        "--node-discount",
+        type=float,
+        default=0.0,
+        help="share off every KubeRay node's list price (spot ~0.6); Modal stays at list",
+    )
+    cost.add_argument("--no-break-even", action="store_true", help="skip the break-even search")
+
     args = parser.parse_args(argv)
+    if args.command == "cost":
+        return _cost(args)
     if args.command == "lint":
         return _lint(args.files)
     if args.command == "render":
         return _render(args)
     if args.command == "fake-cluster":
         return _fake(args)
+    if args.command == "check-capacity":
+        return _capacity(args)
     return _plan(args)
 
 
@@ -135,6 +176,97 @@ def _plan(args: argparse.Namespace) -> int:
             print(f, file=sys.stderr)
             status = 1
     return status
+
+
+def _capacity(args: argparse.Namespace) -> int:
+    from .capacity import live_nodes, unplaceable
+    from .render import PROD_CONFIG, load_config
+    from .serve_config import resolve_deployments
+
+    path = args.config or PROD_CONFIG
+    deployments = resolve_deployments(load_config(path)).deployments
+    problems = unplaceable(deployments, live_nodes(args.address))
+    for f in problems:
+        print(f"{path}: {f}", file=sys.stderr)
+    if not problems:
+        print(f"{path}: every deployment fits on a node of the cluster")
+    return 1 if problems else 0
+
+
+def _cost(args: argparse.Namespace) -> int:
+    from .cost import (
+        Comparison,
+        TargetResult,
+        break_even,
+        format_report,
+        kuberay_cluster,
+        modal_classes,
+        recommendation,
+        serve_deployments,
+        simulate_kuberay,
+        simulate_modal,
+    )
+    from .cost_inputs import (
+        ROUTES,
+        CostInputError,
+        Trace,
+        builtin_trace,
+        load_prices,
+        load_trace_csv,
+        parse_mix,
+    )
+    from .render import PROD_CONFIG, RenderError, load_config
+
+    try:
+        service_s: dict[str, float] = {}
+        for item in args.service_time:
+            name, sep, value = item.partition("=")
+            try:
+                service_s[name] = float(value)
+            except ValueError:
+                service_s[name] = -1.0
+            if not sep or not service_s[name] > 0:
+                raise CostInputError(f"--service-time {item!r}: give NAME=SECONDS (> 0)")
+        prices = load_prices(args.prices).with_node_discount(args.node_discount)
+        config = load_config(args.config or PROD_CONFIG)
+        deployments = serve_deployments(config, service_s)
+        names = [d.name for d in deployments]
+        unknown = sorted(set(service_s) - set(names))
+        if unknown:
+            raise CostInputError(f"--service-time: no deployment {unknown}; deployments: {names}")
+        if args.trace:
+            trace = load_trace_csv(args.trace, [*ROUTES, *names])
+        else:
+            trace = builtin_trace(args.shape, args.rps, parse_mix(args.mix) if args.mix else None)
+        classes = modal_classes(config, service_s)
+        clouds = args.cloud or list(CLOUDS)
+        groups = {cloud: kuberay_cluster(config, cloud) for cloud in clouds}
+
+        def simulate(t: Trace) -> list[TargetResult]:
+            results = [simulate_kuberay(deployments, groups[c], t, prices) for c in clouds]
+            return [*results, simulate_modal(classes, t, prices)]
+
+        cmp = Comparison(trace, simulate(trace))
+    except (CostInputError, RenderError) as e:
+        print(f"cost: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"prices: {args.prices or 'cluster/prices.yaml'} (list prices of {prices.date}"
+        + (f", nodes {args.node_discount:.0%} off)" if args.node_discount else ")")
+    )
+    print(format_report(cmp))
+    targets = [r.target for r in cmp.results if r.target != "modal"]
+    be = {} if args.no_break_even else break_even(simulate, trace, targets)
+    for target, rps in be.items():
+        where = f"{rps:.3g} req/s" if rps is not None else "none in x1/16..x256 of this trace"
+        print(f"break-even {target} vs modal: {where}")
+    print(recommendation(cmp, be))
+    if args.plot:
+        from .cost_plot import plot
+
+        plot(cmp, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -82,6 +82,23 @@ def _resources_map(value: str) -> dict[str, float]:
     return {k: float(v) for k, v in json.loads(value.strip("'\"` ")).items()}
 
 
+def _upgrade_option_checks(options: Mapping[str, Any]) -> list[str]:
+    """KubeRay v1.7.0's ValidateClusterUpgradeOptions: percentages in 0..100, a positive
+    interval and step, and a Gateway class to route the traffic split with."""
+    problems = []
+    for key in ("maxSurgePercent", "stepSizePercent"):
+        value = options.get(key, 100 if key == "maxSurgePercent" else None)
+        if value is None or not 0 <= value <= 100:
+            problems.append(f"clusterUpgradeOptions.{key} {value!r} not in 0..100")
+    if options.get("stepSizePercent") == 0:
+        problems.append("clusterUpgradeOptions.stepSizePercent must be > 0")
+    if not options.get("intervalSeconds") or options["intervalSeconds"] <= 0:
+        problems.append("clusterUpgradeOptions.intervalSeconds must be > 0")
+    if not options.get("gatewayClassName"):
+        problems.append("clusterUpgradeOptions.gatewayClassName is required")
+    return problems
+
+
 def kuberay_checks(rayservice: Mapping[str, Any]) -> list[str]:
     """Checks from KubeRay v1.7.0's validation.go (ValidateRayServiceMetadata/Spec,
     ValidateRayClusterSpec) that the CRD schema does not express."""
@@ -94,7 +111,11 @@ def kuberay_checks(rayservice: Mapping[str, Any]) -> list[str]:
     if kind is not None and kind not in UPGRADE_TYPES:
         problems.append(f"spec.upgradeStrategy.type {kind!r} not in {UPGRADE_TYPES}")
     if kind == "NewClusterWithIncrementalUpgrade":
-        problems.append("NewClusterWithIncrementalUpgrade needs clusterUpgradeOptions")
+        options = (spec.get("upgradeStrategy") or {}).get("clusterUpgradeOptions")
+        if not options:
+            problems.append("NewClusterWithIncrementalUpgrade needs clusterUpgradeOptions")
+        else:
+            problems += _upgrade_option_checks(options)
     if not spec.get("serveConfigV2"):
         problems.append("spec.serveConfigV2 is empty")
     cluster = spec.get("rayClusterConfig", {})

@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from .findings import errors
-from .placement import GroupBounds
+from .placement import GroupBounds, marker_resources
 from .pools import Cloud
 
 HEAD_TYPE = "ray.head.default"  # hard-coded by the fake provider for the head node
@@ -51,7 +51,7 @@ def node_types(groups: list[GroupBounds]) -> dict[str, dict[str, Any]]:
     }
     for g in groups:
         resources: dict[str, Any] = {"CPU": g.shape.pod_cpus, "GPU": g.shape.gpus}
-        resources[g.pool.ray_resource] = 1
+        resources.update({k: int(v) for k, v in marker_resources(g.pool, g.shape).items()})
         resources["object_store_memory"] = OBJECT_STORE_BYTES
         types[g.pool.name] = {
             "resources": resources,

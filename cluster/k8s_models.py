@@ -60,13 +60,14 @@ class ContainerPort(K8sModel):
 class VolumeMount(K8sModel):
     name: str
     mount_path: str
+    read_only: bool | None = None
 
 
 class Container(K8sModel):
     name: str
     image: str
-    command: list[str] | None = None
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    command: list[str] | None = None
     ports: list[ContainerPort] | None = None
     env: list[EnvVar] | None = None
     resources: ResourceRequirements
@@ -84,9 +85,15 @@ class PersistentVolumeClaimVolumeSource(K8sModel):
     claim_name: str
 
 
+class SecretVolumeSource(K8sModel):
+    secret_name: str
+    optional: bool | None = None
+
+
 class Volume(K8sModel):
     name: str
-    persistent_volume_claim: PersistentVolumeClaimVolumeSource
+    persistent_volume_claim: PersistentVolumeClaimVolumeSource | None = None
+    secret: SecretVolumeSource | None = None
 
 
 class PodSpec(K8sModel):
@@ -119,13 +126,21 @@ class PersistentVolumeClaim(K8sModel):
     spec: PersistentVolumeClaimSpec
 
 
-# --- batch/v1 ---------------------------------------------------------------------------
+# --- batch/v1 -------------------------------------------------------------------------
 
 
 class JobSpec(K8sModel):
     backoff_limit: int
     active_deadline_seconds: int | None = None
+    ttl_seconds_after_finished: int | None = None
     template: PodTemplateSpec
+
+
+class Job(K8sModel):
+    api_version: Literal["batch/v1"] = "batch/v1"
+    kind: Literal["Job"] = "Job"
+    metadata: ObjectMeta
+    spec: JobSpec
 
 
 class JobTemplateSpec(K8sModel):
@@ -206,8 +221,50 @@ class KustomizePatch(K8sModel):
     path: str
 
 
+class ConfigMapGenerator(K8sModel):
+    name: str
+    files: list[str]
+    options: dict[str, Any] | None = None
+
+
 class Kustomization(K8sModel):
     api_version: Literal["kustomize.config.k8s.io/v1beta1"] = "kustomize.config.k8s.io/v1beta1"
     kind: Literal["Kustomization"] = "Kustomization"
     resources: list[str]
     patches: list[KustomizePatch] | None = None
+    config_map_generator: list[ConfigMapGenerator] | None = None
+
+
+class KustomizeComponent(K8sModel):
+    """A kustomize Component: resources and patches an overlay opts into (``components:``)."""
+
+    api_version: Literal["kustomize.config.k8s.io/v1alpha1"] = "kustomize.config.k8s.io/v1alpha1"
+    kind: Literal["Component"] = "Component"
+    resources: list[str] | None = None
+    patches: list[KustomizePatch]
+
+
+# --- prometheus-operator (monitoring.coreos.com/v1) --------------------------------------
+
+
+class LabelSelector(K8sModel):
+    match_labels: dict[str, str]
+
+
+class PodMetricsEndpoint(K8sModel):
+    port: str
+    path: str | None = None
+    interval: str | None = None
+
+
+class PodMonitorSpec(K8sModel):
+    job_label: str | None = None
+    selector: LabelSelector
+    pod_metrics_endpoints: list[PodMetricsEndpoint]
+
+
+class PodMonitor(K8sModel):
+    api_version: Literal["monitoring.coreos.com/v1"] = "monitoring.coreos.com/v1"
+    kind: Literal["PodMonitor"] = "PodMonitor"
+    metadata: ObjectMeta
+    spec: PodMonitorSpec

@@ -189,7 +189,7 @@ def _check_args(app: Mapping[str, Any], app_path: str, findings: list[Finding]) 
 
     model = import_builder(model_path)
     try:
-        model.model_validate(app.get("args") or {})
+        args = model.model_validate(app.get("args") or {})
     except ValidationError as e:
         for err in e.errors():
             loc = tuple(err["loc"])
@@ -203,7 +203,27 @@ def _check_args(app: Mapping[str, Any], app_path: str, findings: list[Finding]) 
                 Finding("error", path, f"{model.__name__} rejects it: {err['msg']}", suggestion)
             )
         return False
+    auth = getattr(args, "auth", None)
+    if auth is not None and not auth.enabled and _uses_gpus(app):
+        findings.append(
+            Finding(
+                "warning",
+                join_path(app_path, "args", "auth"),
+                "a production-shaped app (GPU deployments) with auth off: anyone who reaches "
+                "the URL can use the GPUs",
+                "auth: {enabled: true, keys_file: ...} (or keys_env) with the keys in a secret",
+            )
+        )
     return True
+
+
+def _uses_gpus(app: Mapping[str, Any]) -> bool:
+    """Whether any deployment of the application asks for a GPU or an accelerator."""
+    for d in app.get("deployments") or []:
+        options = (d.get("ray_actor_options") or {}) if isinstance(d, Mapping) else {}
+        if options.get("num_gpus") or options.get("accelerator_type"):
+            return True
+    return False
 
 
 def _field_names_at(model: Any, loc: tuple[Any, ...]) -> list[str]:

@@ -26,10 +26,34 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .findings import Finding, join_path
-from .pools import POOLS, Cloud, NodeShape, NoPoolError, Pool, UnpinnedError, pool_for_options
+from .pools import (
+    POOLS,
+    Cloud,
+    NodeShape,
+    NoPoolError,
+    Pool,
+    UnpinnedError,
+    by_name,
+    pool_for_options,
+)
 from .serve_config import Deployment
 
 _EPS = 1e-9
+
+
+def marker_resources(pool: Pool, shape: NodeShape) -> dict[str, float]:
+    """The custom resources a node of ``pool`` advertises: its pool's marker, and those of
+    the pools its shape hosts (``NodeShape.hosts``)."""
+    return {pool.ray_resource: 1.0, **{by_name(name).ray_resource: 1.0 for name in shape.hosts}}
+
+
+def host_pool(pool: Pool, cloud: Cloud) -> Pool:
+    """The pool whose nodes run ``pool``'s replicas on ``cloud``: itself, or a pool whose
+    node shape there hosts it."""
+    for other in POOLS:
+        if cloud in other.shapes and pool.name in other.shape(cloud).hosts:
+            return other
+    return pool
 
 
 def node_resources(pool: Pool, shape: NodeShape) -> dict[str, float]:
@@ -37,7 +61,7 @@ def node_resources(pool: Pool, shape: NodeShape) -> dict[str, float]:
     resources = {
         "CPU": float(shape.pod_cpus),
         "memory": shape.ray_memory_bytes,
-        pool.ray_resource: 1.0,
+        **marker_resources(pool, shape),
     }
     if shape.gpus:
         resources["GPU"] = float(shape.gpus)
@@ -171,7 +195,11 @@ def plan(
     deployments: Iterable[Deployment], cloud: Cloud, *, unpinned_is_error: bool
 ) -> tuple[list[GroupBounds], list[Finding]]:
     """Worker groups (one per pool in use, in pool-table order) and findings."""
-    by_pool, findings = assign(deployments, unpinned_is_error=unpinned_is_error)
+    assigned, findings = assign(deployments, unpinned_is_error=unpinned_is_error)
+    by_pool: dict[str, list[Deployment]] = {}
+    for pool in POOLS:  # hosted pools' deployments join their host's group
+        if pool.name in assigned:
+            by_pool.setdefault(host_pool(pool, cloud).name, []).extend(assigned[pool.name])
     groups: list[GroupBounds] = []
     for pool in POOLS:
         if pool.name not in by_pool:

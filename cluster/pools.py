@@ -80,6 +80,10 @@ class NodeShape:
     tolerations: tuple[Toleration, ...] = ()
     # The node pool's (or quota's) cap: the rendered maxReplicas must not exceed it.
     max_nodes: int = 8
+    # Other pools whose replicas this node runs too (a bigger GPU of the same family):
+    # where a node has many GPUs, a small deployment packs onto it instead of holding a
+    # whole node of its own pool (cluster.placement; the node advertises their markers).
+    hosts: tuple[str, ...] = ()
 
     @property
     def ray_memory_bytes(self) -> float:
@@ -168,7 +172,12 @@ A100_80GB = Pool(
             pod_memory_gib=1000,
             node_selector={"node.kubernetes.io/instance-type": "p4de.24xlarge"},
             tolerations=(GPU_TOLERATION,),
-            max_nodes=2,
+            # Up to 4 when every deployment packs only with itself (cluster.placement);
+            # by volume the production config's maximum is 7 of one node's 8 GPUs.
+            max_nodes=4,
+            # The vision models (half an A100 40GB each) share a p4de with the LLMs
+            # instead of holding a p4d (8 x A100 40GB) for one GPU's worth of work.
+            hosts=("a100-40gb",),
         ),
     },
 )

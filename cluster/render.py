@@ -24,6 +24,7 @@ equals :func:`render_rayservice` for that cloud (a test checks it).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ import yaml
 from .findings import Finding, errors
 from .k8s_models import (
     AutoscalerOptions,
+    ConfigMapGenerator,
     Container,
     ContainerPort,
     CronJob,
@@ -41,14 +43,20 @@ from .k8s_models import (
     EnvVar,
     EnvVarSource,
     HeadGroupSpec,
+    Job,
     JobSpec,
     JobTemplateSpec,
     Kustomization,
+    KustomizeComponent,
     KustomizePatch,
+    LabelSelector,
     ObjectMeta,
     PersistentVolumeClaim,
     PersistentVolumeClaimSpec,
     PersistentVolumeClaimVolumeSource,
+    PodMetricsEndpoint,
+    PodMonitor,
+    PodMonitorSpec,
     PodSpec,
     PodTemplateSpec,
     RayClusterSpec,
@@ -57,6 +65,7 @@ from .k8s_models import (
     RayServiceUpgradeStrategy,
     ResourceRequirements,
     SecretKeySelector,
+    SecretVolumeSource,
     Toleration,
     Volume,
     VolumeMount,
@@ -64,8 +73,8 @@ from .k8s_models import (
     WorkerGroupSpec,
 )
 from .lint import lint_config
-from .placement import GroupBounds, plan
-from .pools import CLOUDS, Cloud
+from .placement import GroupBounds, marker_resources, plan
+from .pools import CLOUDS, RAY_OBJECT_STORE_SHARE, Cloud, NodeShape
 from .serve_config import load_yaml, resolve_deployments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,19 +91,61 @@ SERVE_PORT = 8000  # the port KubeRay's serve Service targets
 MODEL_CACHE_PVC = "model-cache"
 MODEL_CACHE_SIZE = "500Gi"
 MODEL_CACHE_MOUNT = "/mnt/model-cache"
+LOCAL_SCRATCH_GIB = {"gpu": 30, "cpu": 10}  # logs, /tmp, compiled kernels (ephemeral_storage_gib)
+PREFETCH_JOB = f"{NAME}-prefetch"
+PREFETCH_RETRIES = 6
+
+
+# What provisions the models on each target (named by a replica whose model is missing).
+PREFETCH_COMMAND = {
+    "k8s": "the prefetch Job: kubectl delete job serve-apps-prefetch --ignore-not-found && "
+    "kubectl apply -k k8s/overlays/<cloud> (see k8s/README.md)",
+    "modal": "SERVE_APPS_MODAL_MODE=dev modal run modal_adapter/app.py::prefetch",
+}
 
 
 def model_cache_env() -> dict[str, str]:
-    """Where the caches live on the model-cache volume (KubeRay's PVC, Modal's Volume)."""
+    """Where the caches live on the model-cache volume (KubeRay's PVC, Modal's Volume):
+    the Hub cache, the prefetch manifests and smoke models, vLLM's compile cache."""
     return {
         "HF_HOME": f"{MODEL_CACHE_MOUNT}/huggingface",
         "SERVE_APPS_CACHE_DIR": f"{MODEL_CACHE_MOUNT}/serve_apps",
+        "VLLM_CACHE_ROOT": f"{MODEL_CACHE_MOUNT}/vllm",
+    }
+
+
+def replica_env(target: str) -> dict[str, str]:
+    """A model replica's environment on ``target`` (``k8s``, ``modal``): the caches, and
+    models loaded only as the prefetch left them (``serve_apps.provision``)."""
+    return {
+        **model_cache_env(),
+        "SERVE_APPS_OFFLINE_MODELS": "1",
+        "SERVE_APPS_PREFETCH_COMMAND": PREFETCH_COMMAND[target],
     }
 
 
 # The Hugging Face token's secret: the same name on Kubernetes and on Modal.
 HF_TOKEN_SECRET = "hf-token"  # kubectl create secret generic hf-token --from-literal=HF_TOKEN=...
 HF_TOKEN_KEY = "HF_TOKEN"
+
+# The API keys' secret (serve_apps.auth), mounted as a file on every worker, where the
+# ingress reads it (auth.keys_file in cluster/serve-prod.yaml); a rotated key reaches the
+# running pods without a restart. Optional: pods start without it, and an ingress with
+# auth on and no keys fails at start, saying so.
+#   kubectl create secret generic serve-apps-api-keys --from-file=keys=./keys.txt
+API_KEYS_SECRET = "serve-apps-api-keys"
+API_KEYS_VOLUME = "api-keys"
+API_KEYS_MOUNT = "/etc/serve-apps/api-keys"
+# The scheduled batch submits through the front door like any client, with a key of its
+# own (a line `batch-cron=sk-...` in the keys above, its value in this Secret):
+#   kubectl create secret generic serve-apps-batch-key --from-literal=OPENAI_API_KEY=sk-...
+BATCH_KEY_SECRET = "serve-apps-batch-key"
+BATCH_KEY_ENV = "OPENAI_API_KEY"  # what `serve-apps batch` reads its --api-key from
+
+# Ray's metrics endpoint on every pod (KubeRay's default metrics-export-port), which the
+# PodMonitor scrapes: Ray's own metrics, Serve's, and ours (serve_apps.metrics).
+METRICS_PORT, METRICS_PORT_NAME = 8080, "metrics"
+RAY_NODE_LABEL = {"ray.io/is-ray-node": "yes"}  # KubeRay puts it on every Ray pod
 
 # ReadWriteMany storage classes: every worker pod mounts the same model cache.
 STORAGE_CLASS: dict[Cloud, str] = {
@@ -227,6 +278,7 @@ def _head_group() -> HeadGroupSpec:
                             ContainerPort(container_port=8265, name="dashboard"),
                             ContainerPort(container_port=10001, name="client"),
                             ContainerPort(container_port=SERVE_PORT, name="serve"),
+                            ContainerPort(container_port=METRICS_PORT, name=METRICS_PORT_NAME),
                         ],
                         resources=ResourceRequirements(
                             requests={"cpu": HEAD_CPUS, "memory": HEAD_MEMORY},
@@ -251,17 +303,9 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
     limits = {"cpu": str(shape.pod_cpus), "memory": f"{shape.pod_memory_gib}Gi"}
     if shape.gpus:
         limits["nvidia.com/gpu"] = str(shape.gpus)
-    env = [
-        *(EnvVar(name=k, value=v) for k, v in model_cache_env().items()),
-        EnvVar(
-            name="HF_TOKEN",
-            value_from=EnvVarSource(
-                secret_key_ref=SecretKeySelector(
-                    name=HF_TOKEN_SECRET, key=HF_TOKEN_KEY, optional=True
-                )
-            ),
-        ),
-    ]
+    # Local disk is asked for, not capped (no limit: a pod past it is not evicted).
+    requests = {**limits, "ephemeral-storage": f"{ephemeral_storage_gib(shape)}Gi"}
+    env = [*(EnvVar(name=k, value=v) for k, v in replica_env("k8s").items()), _hf_token()]
     return WorkerGroupSpec(
         group_name=pool.name,
         replicas=group.min_nodes,
@@ -270,7 +314,9 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
         ray_start_params={
             "num-cpus": str(shape.pod_cpus),
             "num-gpus": str(shape.gpus),
-            "resources": ray_start_resources({pool.ray_resource: 1}),
+            "resources": ray_start_resources(
+                {k: int(v) for k, v in marker_resources(pool, shape).items()}
+            ),
         },
         template=PodTemplateSpec(
             spec=PodSpec(
@@ -279,11 +325,17 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
                         name="ray-worker",
                         image=image(),
                         image_pull_policy="IfNotPresent",
-                        ports=[ContainerPort(container_port=SERVE_PORT, name="serve")],
+                        ports=[
+                            ContainerPort(container_port=SERVE_PORT, name="serve"),
+                            ContainerPort(container_port=METRICS_PORT, name=METRICS_PORT_NAME),
+                        ],
                         env=env,
-                        resources=ResourceRequirements(requests=dict(limits), limits=limits),
+                        resources=ResourceRequirements(requests=requests, limits=limits),
                         volume_mounts=[
-                            VolumeMount(name=MODEL_CACHE_PVC, mount_path=MODEL_CACHE_MOUNT)
+                            VolumeMount(name=MODEL_CACHE_PVC, mount_path=MODEL_CACHE_MOUNT),
+                            VolumeMount(
+                                name=API_KEYS_VOLUME, mount_path=API_KEYS_MOUNT, read_only=True
+                            ),
                         ],
                     )
                 ],
@@ -294,14 +346,84 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
                 ]
                 or None,
                 volumes=[
+                    _model_cache_volume(),
                     Volume(
-                        name=MODEL_CACHE_PVC,
-                        persistent_volume_claim=PersistentVolumeClaimVolumeSource(
-                            claim_name=MODEL_CACHE_PVC
-                        ),
-                    )
+                        name=API_KEYS_VOLUME,
+                        secret=SecretVolumeSource(secret_name=API_KEYS_SECRET, optional=True),
+                    ),
                 ],
             )
+        ),
+    )
+
+
+def ephemeral_storage_gib(shape: NodeShape) -> int:
+    """A worker pod's local disk. The weights are not on it: they are on the model-cache
+    PVC, with vLLM's compile cache, and safetensors are memory-mapped from there (nothing
+    is staged locally). What is local: Ray's object spilling (up to the object store, a
+    share of the pod's memory), and Ray's logs, /tmp and the kernels torch/Triton
+    compile (:data:`LOCAL_SCRATCH_GIB`)."""
+    spill = math.ceil(shape.pod_memory_gib * RAY_OBJECT_STORE_SHARE)
+    return spill + LOCAL_SCRATCH_GIB["gpu" if shape.gpus else "cpu"]
+
+
+def _hf_token() -> EnvVar:
+    """HF_TOKEN from the ``hf-token`` secret when there is one (optional: public models)."""
+    return EnvVar(
+        name="HF_TOKEN",
+        value_from=EnvVarSource(
+            secret_key_ref=SecretKeySelector(name=HF_TOKEN_SECRET, key=HF_TOKEN_KEY, optional=True)
+        ),
+    )
+
+
+def _model_cache_volume() -> Volume:
+    return Volume(
+        name=MODEL_CACHE_PVC,
+        persistent_volume_claim=PersistentVolumeClaimVolumeSource(claim_name=MODEL_CACHE_PVC),
+    )
+
+
+def prefetch_job(config: Mapping[str, Any]) -> Job:
+    """The Job that provisions every model the config names onto the model-cache PVC
+    (``python -m serve_apps.provision``; retried, and each retry resumes)."""
+    args = ((config.get("applications") or [{}])[0]).get("args") or {}
+    cpu, memory = "4", "16Gi"
+    resources = {"cpu": cpu, "memory": memory, "ephemeral-storage": "10Gi"}
+    return Job(
+        metadata=ObjectMeta(name=PREFETCH_JOB, labels={"app.kubernetes.io/name": NAME}),
+        spec=JobSpec(
+            backoff_limit=PREFETCH_RETRIES,
+            template=PodTemplateSpec(
+                spec=PodSpec(
+                    restart_policy="Never",
+                    containers=[
+                        Container(
+                            name="prefetch",
+                            image=image(),
+                            image_pull_policy="IfNotPresent",
+                            command=[
+                                "python",
+                                "-m",
+                                "serve_apps.provision",
+                                "--args-json",
+                                json.dumps(args, sort_keys=True),
+                            ],
+                            env=[
+                                *(EnvVar(name=k, value=v) for k, v in model_cache_env().items()),
+                                _hf_token(),
+                            ],
+                            resources=ResourceRequirements(
+                                requests=dict(resources), limits=resources
+                            ),
+                            volume_mounts=[
+                                VolumeMount(name=MODEL_CACHE_PVC, mount_path=MODEL_CACHE_MOUNT)
+                            ],
+                        )
+                    ],
+                    volumes=[_model_cache_volume()],
+                )
+            ),
         ),
     )
 
@@ -315,6 +437,137 @@ def model_cache_pvc(cloud: Cloud | None) -> PersistentVolumeClaim:
             storage_class_name=STORAGE_CLASS[cloud] if cloud else None,
         ),
     )
+
+
+# --- optional components ---------------------------------------------------------------
+
+# GCS fault tolerance (KubeRay's high-availability sample): the head's GCS keeps its state
+# in an external Redis, so a head restart does not restart the GPU workers.
+REDIS_NAME = f"{NAME}-redis"
+REDIS_PORT = 6379
+REDIS_IMAGE = "redis:7.4.0"
+# kubectl create secret generic serve-apps-redis --from-literal=password="$(openssl rand -hex 24)"
+REDIS_SECRET, REDIS_SECRET_KEY = REDIS_NAME, "password"
+# Incremental upgrades: a new cluster grows step by step while traffic moves to it, at
+# most maxSurgePercent more capacity at a time (instead of a whole second cluster).
+INCREMENTAL_UPGRADE = {
+    "gatewayClassName": "istio",
+    "stepSizePercent": 25,
+    "intervalSeconds": 60,
+    "maxSurgePercent": 25,
+}
+COMPONENTS = ("gcs-ft", "incremental-upgrade")
+
+
+def _rayservice_patch(spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayService",
+        "metadata": {"name": NAME},
+        "spec": spec,
+    }
+
+
+def gcs_ft_objects() -> list[dict[str, Any]]:
+    """The Redis the GCS stores its state in: a Service and a one-replica Deployment with
+    an append-only file, its password from the ``serve-apps-redis`` secret."""
+    labels = {"app.kubernetes.io/name": REDIS_NAME}
+    password = {"secretKeyRef": {"name": REDIS_SECRET, "key": REDIS_SECRET_KEY}}
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": REDIS_NAME, "labels": labels},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": labels,
+            "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": REDIS_PORT}],
+        },
+    }
+    container = {
+        "name": "redis",
+        "image": REDIS_IMAGE,
+        "command": ["redis-server"],
+        "args": [
+            "--appendonly",
+            "yes",
+            "--dir",
+            "/data",
+            "--port",
+            str(REDIS_PORT),
+            "--requirepass",
+            "$(REDIS_PASSWORD)",
+        ],
+        "env": [{"name": "REDIS_PASSWORD", "valueFrom": password}],
+        "ports": [{"containerPort": REDIS_PORT, "name": "redis"}],
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "1Gi"},
+            "limits": {"cpu": "1", "memory": "2Gi"},
+        },
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": REDIS_NAME, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [container], "volumes": [{"name": "data", "emptyDir": {}}]},
+            },
+        },
+    }
+    return [service, deployment]
+
+
+def gcs_ft_patch() -> dict[str, Any]:
+    return _rayservice_patch(
+        {
+            "rayClusterConfig": {
+                "gcsFaultToleranceOptions": {
+                    "redisAddress": f"{REDIS_NAME}:{REDIS_PORT}",
+                    "redisPassword": {
+                        "valueFrom": {
+                            "secretKeyRef": {"name": REDIS_SECRET, "key": REDIS_SECRET_KEY}
+                        }
+                    },
+                }
+            }
+        }
+    )
+
+
+def incremental_upgrade_patch() -> dict[str, Any]:
+    return _rayservice_patch(
+        {
+            "upgradeStrategy": {
+                "type": "NewClusterWithIncrementalUpgrade",
+                "clusterUpgradeOptions": dict(INCREMENTAL_UPGRADE),
+            }
+        }
+    )
+
+
+def component_files() -> dict[str, str]:
+    """``components/<name>/...``: what an overlay adds with ``components:``."""
+    return {
+        "components/gcs-ft/kustomization.yaml": to_yaml(
+            KustomizeComponent(
+                resources=["redis.yaml"], patches=[KustomizePatch(path="rayservice.yaml")]
+            ).dump(),
+            header=HEADER,
+        ),
+        "components/gcs-ft/redis.yaml": to_yaml(*gcs_ft_objects(), header=HEADER),
+        "components/gcs-ft/rayservice.yaml": to_yaml(gcs_ft_patch(), header=HEADER),
+        "components/incremental-upgrade/kustomization.yaml": to_yaml(
+            KustomizeComponent(patches=[KustomizePatch(path="rayservice.yaml")]).dump(),
+            header=HEADER,
+        ),
+        "components/incremental-upgrade/rayservice.yaml": to_yaml(
+            incremental_upgrade_patch(), header=HEADER
+        ),
+    }
 
 
 # --- YAML output ------------------------------------------------------------------------
@@ -361,25 +614,30 @@ def batch_cronjob() -> CronJob:
                                     image=image(),
                                     image_pull_policy="IfNotPresent",
                                     command=["sh", "-c", BATCH_SUBMIT],
+                                    env=[
+                                        EnvVar(
+                                            name=BATCH_KEY_ENV,
+                                            value_from=EnvVarSource(
+                                                secret_key_ref=SecretKeySelector(
+                                                    name=BATCH_KEY_SECRET,
+                                                    key=BATCH_KEY_ENV,
+                                                    optional=True,
+                                                )
+                                            ),
+                                        )
+                                    ],
                                     resources=ResourceRequirements(
                                         requests={"cpu": "250m", "memory": "512Mi"},
                                         limits={"cpu": "1", "memory": "2Gi"},
                                     ),
                                     volume_mounts=[
                                         VolumeMount(
-                                            name="model-cache", mount_path=MODEL_CACHE_MOUNT
+                                            name=MODEL_CACHE_PVC, mount_path=MODEL_CACHE_MOUNT
                                         )
                                     ],
                                 )
                             ],
-                            volumes=[
-                                Volume(
-                                    name="model-cache",
-                                    persistent_volume_claim=PersistentVolumeClaimVolumeSource(
-                                        claim_name=MODEL_CACHE_PVC
-                                    ),
-                                )
-                            ],
+                            volumes=[_model_cache_volume()],
                         )
                     ),
                 )
@@ -412,10 +670,16 @@ def render_tree(config_path: Path = PROD_CONFIG) -> dict[str, str]:
     files = {
         "base/kustomization.yaml": to_yaml(
             Kustomization(
-                resources=["rayservice.yaml", "model-cache-pvc.yaml", "batch-cronjob.yaml"]
+                resources=[
+                    "rayservice.yaml",
+                    "model-cache-pvc.yaml",
+                    "prefetch-job.yaml",
+                    "batch-cronjob.yaml",
+                ]
             ).dump(),
             header=HEADER,
         ),
+        "base/prefetch-job.yaml": to_yaml(prefetch_job(config).dump(), header=HEADER),
         "base/rayservice.yaml": to_yaml(base, header=HEADER),
         "base/model-cache-pvc.yaml": to_yaml(model_cache_pvc(None).dump(), header=HEADER),
         "base/batch-cronjob.yaml": to_yaml(batch_cronjob().dump(), header=HEADER),
@@ -448,11 +712,62 @@ def render_tree(config_path: Path = PROD_CONFIG) -> dict[str, str]:
         )
         files[f"overlays/{overlay}/workers.yaml"] = to_yaml(workers_patch, header=HEADER)
         files[f"overlays/{overlay}/storage.yaml"] = to_yaml(storage_patch, header=HEADER)
+    files.update(component_files())
+    files.update(monitoring_files())
     return files
 
 
+def pod_monitor() -> PodMonitor:
+    """Prometheus Operator's scrape of Ray's metrics endpoint on every Ray pod."""
+    return PodMonitor(
+        metadata=ObjectMeta(name=NAME, labels={"app.kubernetes.io/name": NAME}),
+        spec=PodMonitorSpec(
+            job_label="ray.io/cluster",
+            selector=LabelSelector(match_labels=RAY_NODE_LABEL),
+            pod_metrics_endpoints=[
+                PodMetricsEndpoint(port=METRICS_PORT_NAME, path="/metrics", interval="15s")
+            ],
+        ),
+    )
+
+
+DASHBOARD_FILE = "grafana-dashboard.json"
+
+
+def monitoring_files() -> dict[str, str]:
+    """``k8s/monitoring/``: the PodMonitor, and the Grafana dashboard as a ConfigMap that
+    Grafana's dashboard sidecar loads (label ``grafana_dashboard: "1"``)."""
+    from .dashboard import dashboard
+
+    return {
+        "monitoring/kustomization.yaml": to_yaml(
+            Kustomization(
+                resources=["podmonitor.yaml"],
+                config_map_generator=[
+                    ConfigMapGenerator(
+                        name=f"{NAME}-dashboard",
+                        files=[DASHBOARD_FILE],
+                        options={
+                            "labels": {"grafana_dashboard": "1"},
+                            "disableNameSuffixHash": True,
+                        },
+                    )
+                ],
+            ).dump(),
+            header=HEADER,
+        ),
+        "monitoring/podmonitor.yaml": to_yaml(pod_monitor().dump(), header=HEADER),
+        f"monitoring/{DASHBOARD_FILE}": json.dumps(dashboard(), indent=2) + "\n",
+    }
+
+
 def rendered_dirs() -> list[str]:
-    return ["base", *(f"overlays/{o}" for o in OVERLAYS.values())]
+    return [
+        "base",
+        *(f"overlays/{o}" for o in OVERLAYS.values()),
+        *(f"components/{c}" for c in COMPONENTS),
+        "monitoring",
+    ]
 
 
 def write_tree(files: Mapping[str, str], root: Path = K8S_DIR) -> None:

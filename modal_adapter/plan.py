@@ -13,6 +13,17 @@ each to the options of one Modal class:
 - ``autoscaling_config.target_ongoing_requests`` -> ``@modal.concurrent(target_inputs=)``;
 - ``autoscaling_config.downscale_delay_s`` -> ``scaledown_window`` (per mode).
 
+Two things only Modal has, from the config's ``args.modal`` section
+(:class:`serve_apps.config.ModalArgs`), in prod mode:
+
+- ``classes``: per deployment, its class's ``min_containers`` / ``max_containers`` /
+  ``scaledown_window`` where they should differ from Serve's (e.g. scale the GPU classes to
+  zero on Modal, where a container starts in seconds, while Ray keeps a replica warm);
+- packing (``pack_fractional_gpus``, on by default): deployments on fractions of the same
+  GPU type whose fractions add up to 1 or less (Detector and SAM at 0.5 each) become one
+  class, one container hosting both servers on one GPU, as they share a node on Ray.
+  Its bounds and window are the largest of its members', its concurrency their sum.
+
 The deployment mode says how much to keep warm:
 
 - ``prod``: the config's replica bounds and downscale delay, as on Ray Serve;
@@ -44,6 +55,8 @@ PLAN_ENV = "SERVE_APPS_MODAL_PLAN"  # the baked plan (JSON), set in the image
 REQUEST_TIMEOUT_S = 600
 # Container start to ready: a GPU class downloads (first time) and loads its model.
 STARTUP_TIMEOUT_S = {"gpu": 1800, "cpu": 600}
+# The prefetch function: the largest model is 65 GB (Qwen2.5-Coder-32B).
+PREFETCH_TIMEOUT_S = 4 * 3600
 # Modal's allowed scale-down windows.
 SCALEDOWN_RANGE = (2, 3600)
 MODE_SCALEDOWN_S: dict[str, int | None] = {"dev": 60, "demo": 900, "prod": None}
@@ -65,14 +78,24 @@ class ModalSettings(BaseSettings):
     config: Path = REPO / "cluster" / "serve-prod.yaml"
     mode: Mode = "dev"
     app_name: str = Field(default="serve-apps", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    # A Modal secret holding HF_TOKEN, for gated or private models: only the prefetch
+    # function downloads, so only it gets the secret. Unset: public models, no secret.
+    hf_secret: str | None = Field(default=None, min_length=1)
+
+
+class ServerPlan(StrictModel):
+    """One deployment's server inside a class."""
+
+    name: str  # the deployment (registry spec name)
+    service: str  # the registry key (AppArgs field)
+    config: dict[str, Any]  # the server's config (JSON)
 
 
 class ClassPlan(StrictModel):
-    """One Modal class: a graph deployment, or the ingress (``service`` None)."""
+    """One Modal class: one or more graph deployments, or the ingress (``servers`` empty)."""
 
     name: str
-    service: str | None
-    config: dict[str, Any] | None  # the server's config (JSON); None for the ingress
+    servers: list[ServerPlan]
     gpu: str | list[str] | None
     cpu: float | None
     memory_mib: int | None
@@ -119,7 +142,9 @@ class AppPlan(StrictModel):
     volume_name: str
     volume_mount: str
     env: dict[str, str]
-    secrets: list[str]
+    secrets: list[str]  # Modal secret names the prefetch function gets (none: public models)
+    # The ingress's: the API keys (modal.Secret setting auth.keys_env) when auth is on.
+    ingress_secrets: list[str] = []
     image: ImagePlan
 
     @property
@@ -145,10 +170,10 @@ def scaledown_window(mode: Mode, downscale_delay_s: float) -> int:
 
 def _class_plan(
     name: str,
-    service: str | None,
-    config: dict[str, Any] | None,
+    servers: list[ServerPlan],
     deployment: Any,
     mode: Mode,
+    override: Any = None,
     graph: bool = False,
 ) -> ClassPlan:
     from ray.serve.config import AutoscalingConfig
@@ -168,22 +193,82 @@ def _class_plan(
     if deployment.autoscaling is not None and scaling.target_ongoing_requests is not None:
         target = min(max_inputs, max(1, math.ceil(scaling.target_ongoing_requests)))
     memory = options.get("memory")
+    window = scaledown_window(mode, scaling.downscale_delay_s)
+    if mode == "prod" and override is not None:
+        lo = override.min_containers if override.min_containers is not None else lo
+        hi = override.max_containers if override.max_containers is not None else hi
+        window = override.scaledown_window or window
+        if lo > hi:
+            raise PlanError(f"{name}: args.modal.classes: min_containers {lo} > max {hi}")
     return ClassPlan(
         name=name,
-        service=service,
-        config=config,
+        servers=servers,
         gpu=gpu,
         cpu=float(options["num_cpus"]) if options.get("num_cpus") else None,
         memory_mib=math.ceil(memory / 2**20) if memory else None,
         min_containers=lo,
         max_containers=hi,
-        scaledown_window=scaledown_window(mode, scaling.downscale_delay_s),
+        scaledown_window=window,
         timeout=REQUEST_TIMEOUT_S,
         startup_timeout=STARTUP_TIMEOUT_S["gpu" if gpu else "cpu"],
         max_inputs=max_inputs,
         target_inputs=target,
         graph=graph,
     )
+
+
+def pack_groups(options: dict[str, Any]) -> list[list[str]]:
+    """Deployment names that share one class: those on a fraction of the same GPU type,
+    first fit (in the given order) while the fractions add up to 1 or less. Groups of
+    one are left out."""
+    bins: list[tuple[str, list[str], float]] = []  # (accelerator, names, fraction used)
+    for name, opts in options.items():
+        gpus = float((opts or {}).get("num_gpus") or 0)
+        accel = (opts or {}).get("accelerator_type")
+        if not 0 < gpus < 1 or accel is None:
+            continue
+        for i, (a, names, used) in enumerate(bins):
+            if a == accel and used + gpus <= 1 + 1e-9:
+                bins[i] = (a, [*names, name], used + gpus)
+                break
+        else:
+            bins.append((accel, [name], gpus))
+    return [names for _, names, _ in bins if len(names) > 1]
+
+
+def pack(classes: list[ClassPlan], groups: list[list[str]]) -> list[ClassPlan]:
+    """``classes`` with each group merged into one class (at its first member's place):
+    named by its members, the servers of all, one GPU, the members' CPUs and memory
+    summed, the largest bounds and window, the concurrency summed."""
+    by_name = {c.name: c for c in classes}
+    merged: dict[str, ClassPlan | None] = {}
+    for group in groups:
+        members = [by_name[n] for n in group]
+        first = members[0]
+        cpus = [m.cpu for m in members if m.cpu is not None]
+        mems = [m.memory_mib for m in members if m.memory_mib is not None]
+        targets = [m.target_inputs for m in members if m.target_inputs is not None]
+        merged[first.name] = first.model_copy(
+            update={
+                "name": "".join(m.name for m in members),
+                "servers": [s for m in members for s in m.servers],
+                "cpu": sum(cpus) if cpus else None,
+                "memory_mib": sum(mems) if mems else None,
+                "min_containers": max(m.min_containers for m in members),
+                "max_containers": max(m.max_containers for m in members),
+                "scaledown_window": max(m.scaledown_window for m in members),
+                "max_inputs": sum(m.max_inputs for m in members),
+                "target_inputs": sum(targets) if targets else None,
+            }
+        )
+        for m in members[1:]:
+            merged[m.name] = None
+    out = []
+    for c in classes:
+        chosen = merged.get(c.name, c) if c.name in merged else c
+        if chosen is not None:
+            out.append(chosen)
+    return out
 
 
 def image_plan(args: Any) -> ImagePlan:
@@ -206,11 +291,21 @@ def image_plan(args: Any) -> ImagePlan:
     return ImagePlan(pip=pip, constraints="requirements/gpu-constraints.txt", commands=commands)
 
 
-def make_plan(config: dict[str, Any], mode: Mode, app_name: str, source: str) -> AppPlan:
+def package_data() -> list[str]:
+    """The non-Python files the packages read at run time (pyproject's package-data, what
+    a wheel ships), as patterns relative to a package directory: the Modal source mount
+    keeps these besides the ``.py`` files."""
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    return sorted({p for patterns in tool["package-data"].values() for p in patterns})
+
+
+def make_plan(
+    config: dict[str, Any], mode: Mode, app_name: str, source: str, hf_secret: str | None = None
+) -> AppPlan:
     """The Modal app for a Serve config. Raises :class:`PlanError` for what cannot deploy."""
     from cluster.findings import errors
     from cluster.lint import lint_config
-    from cluster.render import HF_TOKEN_SECRET, MODEL_CACHE_MOUNT, model_cache_env
+    from cluster.render import API_KEYS_SECRET, MODEL_CACHE_MOUNT, replica_env
     from cluster.serve_config import resolve_deployments
     from serve_apps.registry import INGRESS, AppArgs
 
@@ -222,22 +317,37 @@ def make_plan(config: dict[str, Any], mode: Mode, app_name: str, source: str) ->
         raise PlanError(f"{source}: the Modal app serves one Serve application, got {len(apps)}")
     args = AppArgs.model_validate(apps[0].get("args") or {})
     resolved = {d.name: d for d in resolve_deployments(config).deployments}
-    deployments = [
-        _class_plan(s.name, s.key, cfg.model_dump(mode="json"), resolved[s.name], mode, s.graph)
+    overrides = args.modal.classes
+    singles = [
+        _class_plan(
+            s.name,
+            [ServerPlan(name=s.name, service=s.key, config=cfg.model_dump(mode="json"))],
+            resolved[s.name],
+            mode,
+            overrides.get(s.name),
+            s.graph,
+        )
         for s, cfg in args.enabled()
     ]
-    from_hub = any(getattr(cfg, "model", None) for _, cfg in args.enabled())
+    groups = (
+        pack_groups({s.name: resolved[s.name].ray_actor_options for s, _ in args.enabled()})
+        if args.modal.pack_fractional_gpus
+        else []
+    )
+    deployments = pack(singles, groups)
     return AppPlan(
         app_name=app_name,
         mode=mode,
         source=source,
         args=args.model_dump(mode="json"),
-        ingress=_class_plan(INGRESS, None, None, resolved[INGRESS], mode),
+        ingress=_class_plan(INGRESS, [], resolved[INGRESS], mode, overrides.get(INGRESS)),
         deployments=deployments,
         volume_name=f"{app_name}-model-cache",
         volume_mount=MODEL_CACHE_MOUNT,
-        env=model_cache_env(),
-        secrets=[HF_TOKEN_SECRET] if from_hub else [],
+        env=replica_env("modal"),
+        secrets=[hf_secret] if hf_secret else [],
+        # modal secret create serve-apps-api-keys SERVE_APPS_API_KEYS='team-a=sk-...'
+        ingress_secrets=[API_KEYS_SECRET] if args.auth.enabled else [],
         image=image_plan(args),
     )
 
@@ -252,4 +362,6 @@ def plan_from_settings(settings: ModalSettings | None = None) -> AppPlan:
     config, findings = load_yaml(settings.config.read_text())
     if findings or not isinstance(config, dict):
         raise PlanError(f"{settings.config}:\n" + "\n".join(str(f) for f in findings))
-    return make_plan(config, settings.mode, settings.app_name, str(settings.config))
+    return make_plan(
+        config, settings.mode, settings.app_name, str(settings.config), settings.hf_secret
+    )

@@ -10,6 +10,12 @@ function turns the images in the ``serve-apps-batch-inbox`` Volume into batch in
 batch in its store. Put images in the inbox with
 ``modal volume put serve-apps-batch-inbox ./scans /``. The function only submits: it
 needs no GPU and ends in seconds.
+
+With auth on (the production config) it submits with an API key of its own, like any
+client: ``SERVE_APPS_BATCH_SECRET=serve-apps-batch-key`` at deploy names a
+``modal.Secret`` that sets ``OPENAI_API_KEY`` (``serve-apps batch``'s ``--api-key``), e.g.
+``modal secret create serve-apps-batch-key OPENAI_API_KEY=sk-...`` for a key
+``batch-cron=sk-...`` in the app's ``serve-apps-api-keys`` secret.
 """
 
 from __future__ import annotations
@@ -29,9 +35,11 @@ image = (
 )
 app = modal.App("serve-apps-scheduled-batch", image=image)
 inbox = modal.Volume.from_name("serve-apps-batch-inbox", create_if_missing=True)
+KEY_SECRET = os.environ.get("SERVE_APPS_BATCH_SECRET", "")
+secrets = [modal.Secret.from_name(KEY_SECRET)] if KEY_SECRET else []
 
 
-@app.function(schedule=SCHEDULE, volumes={INBOX: inbox}, timeout=600)
+@app.function(schedule=SCHEDULE, volumes={INBOX: inbox}, secrets=secrets, timeout=600)
 def submit_inbox() -> None:
     from serve_apps.cli import main
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
+from . import front_door
 from .errors import DeadlineExceededError
 from .handles import Handle
 from .replicas import Server
@@ -34,6 +35,7 @@ from .schemas.openai import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    StreamOptions,
 )
 from .schemas.vision import DetectCall, DetectResult, EncodeResult, PhraseResult, SegmentResult
 
@@ -105,23 +107,67 @@ async def _stream_within_deadline(items: AsyncIterator[R]) -> AsyncIterator[R]:
         await iterator.aclose()  # type: ignore[attr-defined]
 
 
+S = TypeVar("S", ChatCompletionChunk, CompletionResponse)
+
+
+def _with_usage(req: Any) -> Any:
+    """The request, asking for the usage chunk at the end of its stream (the front door
+    settles the tokens it reserved with it)."""
+    return req.model_copy(update={"stream_options": StreamOptions(include_usage=True)})
+
+
+async def _metered(stream: AsyncIterator[S], wanted_usage: bool) -> AsyncIterator[S]:
+    """A generation stream as the caller asked for it, its first chunk and usage recorded
+    (:mod:`serve_apps.front_door`); the usage chunk is dropped when the caller did not ask
+    for it."""
+    async for item in stream:
+        front_door.record_first_token()
+        if item.usage is not None and not item.choices:
+            front_door.record_usage(item.usage.prompt_tokens, item.usage.completion_tokens)
+            if not wanted_usage:
+                continue
+        yield item
+
+
+def _wants_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
 class LLMClient(Client):
-    """An LLM-style service (llm, codegen; the detector is one too)."""
+    """An LLM-style service (llm, codegen; the detector is one too). Every generation's
+    usage is recorded for the metrics and the tokens-per-minute limits."""
+
+    def for_model(self, model_id: str) -> Self:
+        """This client with its calls routed for ``model_id`` (an adapter's name): where the
+        handle can route by model (Ray Serve's multiplexing), to the replicas that already
+        hold it; elsewhere (in-process, Modal) the same handle: the same class serves it."""
+        route = getattr(self.handle, "for_model", None)
+        return self if route is None else type(self)(route(model_id))
 
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        return await self._call(LLMServer.chat, req)
+        response = await self._call(LLMServer.chat, req)
+        front_door.record_usage(response.usage.prompt_tokens, response.usage.completion_tokens)
+        return response
 
     def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
-        return self._stream(LLMServer.chat_stream, req)
+        stream = self._stream(LLMServer.chat_stream, _with_usage(req))
+        return _metered(stream, _wants_usage(req))
 
     async def completion(self, req: CompletionRequest) -> CompletionResponse:
-        return await self._call(LLMServer.completion, req)
+        response = await self._call(LLMServer.completion, req)
+        if response.usage is not None:
+            usage = response.usage
+            front_door.record_usage(usage.prompt_tokens, usage.completion_tokens)
+        return response
 
     def completion_stream(self, req: CompletionRequest) -> AsyncIterator[CompletionResponse]:
-        return self._stream(LLMServer.completion_stream, req)
+        stream = self._stream(LLMServer.completion_stream, _with_usage(req))
+        return _metered(stream, _wants_usage(req))
 
     async def generate(self, req: GenerateRequest) -> GenerateResponse:
-        return await self._call(LLMServer.generate, req)
+        response = await self._call(LLMServer.generate, req)
+        front_door.record_usage(response.metadata.prompt_tokens, response.tokens_generated)
+        return response
 
 
 class DetectorClient(LLMClient):

@@ -41,7 +41,18 @@ class Settings(BaseSettings):
 
     cache_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "serve_apps",
-        description="where the smoke models are built and kept",
+        description="where the smoke models are built and kept (and the prefetch manifests)",
+    )
+    offline_models: bool = Field(
+        default=False,
+        description="load Hub models and the SAM checkpoint only as `python -m "
+        "serve_apps.provision` left them on the model cache, never from the network "
+        "(set on Modal and KubeRay; serve_apps/provision.py)",
+    )
+    prefetch_command: str = Field(
+        default="python -m serve_apps.provision --config <your Serve config>",
+        description="the command that provisions the models here, named by the error a "
+        "replica raises when its model is not on the cache",
     )
     batch_webhook_secret: SecretStr | None = Field(
         default=None, description="HMAC-SHA256 key that signs batch completion webhooks"
@@ -85,6 +96,42 @@ class VLLMOptions(StrictModel):
     )
 
 
+SMOKE_ADAPTER_DESCRIPTION = (
+    "smoke LoRA adapter: a real PEFT LoRA with random weights (B non-zero) on the smoke "
+    "model, built by this project from a fixed seed. Its answers differ from the base "
+    "model's and are as meaningless."
+)
+
+
+class AdapterConfig(StrictModel):
+    """A LoRA adapter of a model, served as a model name of its own.
+
+    Requests whose ``model`` is ``name`` run on the base model with this adapter applied
+    (transformers: PEFT, several adapters in one batch; vLLM: its LoRA support).
+    """
+
+    name: str = Field(min_length=1, description="the served model name of base + adapter")
+    path: str | None = Field(
+        default=None,
+        min_length=1,
+        description="local directory or Hub id of a PEFT LoRA adapter; null = the smoke "
+        "adapter this project builds (only on the smoke model)",
+    )
+    revision: str | None = Field(default=None, description="Hub revision of ``path``")
+    seed: int = Field(default=0, ge=0, description="seed of the smoke adapter (path: null)")
+
+    @property
+    def is_smoke(self) -> bool:
+        return self.path is None
+
+    @property
+    def description(self) -> str:
+        if self.is_smoke:
+            return SMOKE_ADAPTER_DESCRIPTION
+        at = f" at revision {self.revision}" if self.revision else ""
+        return f"LoRA adapter {self.path}{at}"
+
+
 class ModelConfig(StrictModel):
     """One LLM-style model and the engine that serves it."""
 
@@ -106,6 +153,21 @@ class ModelConfig(StrictModel):
     trust_remote_code: bool = False
     vllm: VLLMOptions | None = Field(
         default=None, description="vLLM engine options; only with backend: vllm"
+    )
+
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list,
+        description="LoRA adapters served as model names of their own (text models)",
+    )
+    max_loaded_adapters: int = Field(
+        default=4,
+        ge=1,
+        le=256,
+        description="adapters one replica holds at once (LRU); more are loaded on first use "
+        "(Ray Serve multiplexing routes a name to the replicas that hold it)",
+    )
+    max_lora_rank: int = Field(
+        default=16, ge=1, le=512, description="vLLM: the largest adapter rank it reserves for"
     )
 
     # Image-text models: bounds of the processor's pixel budget per image (Qwen-VL
@@ -143,7 +205,30 @@ class ModelConfig(StrictModel):
         given = self.image_min_pixels is not None or self.image_max_pixels is not None
         if given and self.modality != "image-text":
             raise ValueError("image_min_pixels / image_max_pixels need modality: image-text")
+        if self.adapters:
+            if self.modality != "text":
+                raise ValueError("adapters are served on text models only (modality: text)")
+            names = [a.name for a in self.adapters]
+            if len(set(names)) != len(names) or self.served_model_name in names:
+                raise ValueError(
+                    "adapter names must differ from each other and from served_model_name"
+                )
+            smoke = [a.name for a in self.adapters if a.is_smoke]
+            if smoke and not self.is_smoke:
+                raise ValueError(
+                    f"adapters {smoke} are smoke adapters (path: null), which only fit the "
+                    "smoke model (model: null); give each a path"
+                )
         return self
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every model name this service answers to: its own, then its adapters'."""
+        return [self.served_model_name, *(a.name for a in self.adapters)]
+
+    def adapter(self, name: str) -> AdapterConfig | None:
+        """The adapter served as ``name`` (None: the base model's name or no adapter)."""
+        return next((a for a in self.adapters if a.name == name), None)
 
     @property
     def is_smoke(self) -> bool:
@@ -175,6 +260,10 @@ class ModelConfig(StrictModel):
                 "max_model_len": None,
                 "image_min_pixels": None,
                 "image_max_pixels": None,
+                # Every adapter becomes a smoke adapter of its own seed, names kept.
+                "adapters": [
+                    AdapterConfig(name=a.name, seed=i) for i, a in enumerate(self.adapters)
+                ],
             }
         )
 
@@ -300,6 +389,77 @@ class ImageLimits(StrictModel):
     max_redirects: int = Field(default=3, ge=0, le=10)
 
 
+class ModalClassOverride(StrictModel):
+    """One Modal class's autoscaling, where it should differ from the Serve deployment's
+    (``modal_adapter.plan``, prod mode). Unset fields follow the deployment."""
+
+    min_containers: int | None = Field(default=None, ge=0, description="warm containers")
+    max_containers: int | None = Field(default=None, ge=1)
+    scaledown_window: int | None = Field(
+        default=None, ge=2, le=3600, description="seconds a container idles before it stops"
+    )
+
+
+class ModalArgs(StrictModel):
+    """What only the Modal target reads (Ray Serve ignores this section)."""
+
+    classes: dict[str, ModalClassOverride] = Field(
+        default_factory=dict,
+        description="per deployment name (Ingress included): overrides of its Modal class",
+    )
+    pack_fractional_gpus: bool = Field(
+        default=True,
+        description="deployments on a fraction of the same GPU type share one class (one "
+        "container, one GPU) when their fractions add up to 1 or less, as they share a node "
+        "on Ray; false: one class each, each with a whole GPU",
+    )
+
+
+COMPAT_ROUTES = (
+    "/rex_inference",
+    "/api_sam",
+    "/api_grounding",
+    "/generate_api",
+    "/generate_description",
+    "/upload_and_process_frames",
+    "/extract_from_url",
+    "/extract_text",
+)
+
+
+class CompatConfig(StrictModel):
+    """The seed services' own routes (``serve_apps.routers.compat``): which are on, and
+    which models serve them. A route is also off while the services it needs are."""
+
+    routes: dict[str, bool] = Field(
+        default_factory=dict, description="route path -> false to switch it off (default on)"
+    )
+    vl_model: str | None = Field(
+        default=None,
+        description="served_model_name of the image-text model that describes frames and "
+        "extracts document text; default: the first image-text service (the detector)",
+    )
+    generate_model: str | None = Field(
+        default=None, description="/generate_api's model; default: the codegen service"
+    )
+    max_tokens: int = Field(default=512, ge=1, description="for descriptions and extraction")
+    max_zip_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, description="zip upload")
+    max_zip_frames: int = Field(default=64, ge=1)
+    max_frame_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="uncompressed")
+    max_zip_ratio: int = Field(default=100, ge=1, description="uncompressed/compressed, per frame")
+
+    @field_validator("routes")
+    @classmethod
+    def _known_routes(cls, v: dict[str, bool]) -> dict[str, bool]:
+        unknown = sorted(set(v) - set(COMPAT_ROUTES))
+        if unknown:
+            raise ValueError(f"unknown compat routes {unknown}; known: {list(COMPAT_ROUTES)}")
+        return v
+
+    def on(self, path: str) -> bool:
+        return self.routes.get(path, True)
+
+
 class Limits(StrictModel):
     """Per-request limits the ingress enforces before any model sees the request."""
 
@@ -340,6 +500,68 @@ class Limits(StrictModel):
                 f"max_tokens {requested} is over this service's limit of {self.max_tokens}",
                 param="max_tokens",
             )
+
+
+class AuthConfig(StrictModel):
+    """API keys (``auth:``). The keys themselves are never in the config: they come from a
+    secret, the environment variable ``keys_env`` or the file ``keys_file`` (a mounted
+    Kubernetes Secret, a ``modal.Secret``), one ``name=key`` or ``name=sha256:<hex>`` per
+    line (commas separate them too). See :mod:`serve_apps.auth`."""
+
+    enabled: bool = Field(
+        default=False,
+        description="require an API key on every route but liveness (/health?deep=false)",
+    )
+    keys_env: str | None = Field(
+        default="SERVE_APPS_API_KEYS", description="environment variable holding the keys"
+    )
+    keys_file: str | None = Field(
+        default=None,
+        description="file holding the keys (re-read when it changes: a mounted Secret rotates "
+        "without a restart)",
+    )
+
+    @model_validator(mode="after")
+    def _has_a_source(self) -> AuthConfig:
+        if self.enabled and self.keys_env is None and self.keys_file is None:
+            raise ValueError("auth is enabled: name keys_env or keys_file, where the keys are")
+        return self
+
+
+class KeyLimits(StrictModel):
+    """Requests and tokens per minute for one API key (null: no limit)."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(
+        default=None,
+        ge=1,
+        description="prompt (estimated at ingress, 4 characters a token) + max_tokens reserved "
+        "when a request starts, settled to its usage when it ends",
+    )
+
+
+class RateLimits(KeyLimits):
+    """Per-key rate limits (``rate_limits:``): the defaults above for every key, ``keys:``
+    for named ones. Without auth every caller is one key, ``anonymous``."""
+
+    keys: dict[str, KeyLimits] = Field(
+        default_factory=dict, description="limits of named keys, instead of the defaults"
+    )
+    storage: str = Field(
+        default="auto",
+        min_length=1,
+        description="where the counters live: auto (a named Ray actor that every ingress "
+        "replica shares on Ray Serve; the process elsewhere), memory, or a storage URI of the "
+        "`limits` library (redis://host:6379, memcached://...) for several Modal containers",
+    )
+
+    def for_key(self, name: str) -> KeyLimits:
+        return self.keys.get(name, self)
+
+    @property
+    def enabled(self) -> bool:
+        limits = [self, *self.keys.values()]
+        return any(k.requests_per_minute or k.tokens_per_minute for k in limits)
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -15,6 +15,7 @@ handle unchanged.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -100,6 +101,24 @@ class ImageError(InvalidRequestError):
     default_code = "invalid_image"
 
 
+class UnauthorizedError(ServeAppError):
+    """401: no API key, or one this service does not know (``WWW-Authenticate: Bearer``)."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class RateLimitedError(ServeAppError):
+    """429: the API key is over its requests or tokens per minute; retry after
+    ``Retry-After`` seconds (when its window resets). A request that could never fit
+    (more tokens than the key's whole limit) has no ``Retry-After``."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
 class NotFoundError(ServeAppError):
     """404: the request names something (a file, a batch) that does not exist."""
 
@@ -172,25 +191,46 @@ def status_of(exc: BaseException) -> int:
 
 
 def error_headers(exc: BaseException) -> dict[str, str]:
-    """``Retry-After`` (whole seconds, rounded up) for the errors a client should retry."""
+    """``Retry-After`` (whole seconds, rounded up) for the errors a client should retry;
+    ``WWW-Authenticate`` on a 401."""
+    if isinstance(exc, UnauthorizedError):
+        return {"WWW-Authenticate": 'Bearer realm="serve-apps"'}
     after = getattr(exc, "retry_after_s", None)
     if not isinstance(exc, ServeAppError) or after is None:
         return {}
     return {"Retry-After": str(max(1, math.ceil(after)))}
 
 
-def error_body(exc: BaseException) -> dict[str, Any]:
-    """The envelope for any exception; unknown exceptions become a 500 without internals."""
+def error_body(exc: BaseException, request_id: str | None = None) -> dict[str, Any]:
+    """The envelope for any exception; unknown exceptions become a 500 without internals.
+    ``request_id`` (the request's ``x-request-id``) goes in the envelope when given."""
     if isinstance(exc, ServeAppError):
-        return {"error": exc.to_dict()}
-    return {
-        "error": {
+        error = exc.to_dict()
+    else:
+        error = {
             "message": "internal error",
             "type": "internal_error",
             "param": None,
             "code": "internal_error",
         }
-    }
+    if request_id is not None:
+        error["request_id"] = request_id
+    return {"error": error}
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> InvalidRequestError:
+    """The 400 for a body that failed its wire model (pydantic/FastAPI ``errors()``)."""
+    if errors and errors[0].get("type") == "json_invalid":
+        return InvalidRequestError(
+            f"request body is not valid JSON: {errors[0].get('msg', '')}", code="invalid_json"
+        )
+
+    def where(e: Mapping[str, Any]) -> str:
+        return ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+
+    message = "; ".join(f"{where(e) or 'body'}: {e.get('msg')}" for e in errors)
+    param = where(errors[0]) if errors else None
+    return InvalidRequestError(message, param=param or None, code="invalid_value")
 
 
 def unwrap(exc: BaseException) -> BaseException:

@@ -31,6 +31,7 @@ import socket
 from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urljoin, urlsplit
 
+from . import metrics
 from .errors import ImageError, PayloadTooLargeError
 
 if TYPE_CHECKING:
@@ -209,10 +210,12 @@ class ByteBudget:
 
 
 def _refused(message: str) -> ImageError:
+    metrics.inc(metrics.IMAGE_FETCH_FAILURES, reason="image_url_not_allowed")
     return ImageError(message, param="image_url", code="image_url_not_allowed")
 
 
 def _failed(message: str) -> ImageError:
+    metrics.inc(metrics.IMAGE_FETCH_FAILURES, reason="image_url_fetch_failed")
     return ImageError(message, param="image_url", code="image_url_fetch_failed")
 
 

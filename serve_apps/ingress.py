@@ -20,14 +20,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__
+from . import __version__, metrics
 from .config import Limits
 from .errors import (
     InvalidRequestError,
@@ -38,10 +38,13 @@ from .errors import (
     error_headers,
     status_of,
     unwrap,
+    validation_error,
 )
+from .front_door import FrontDoorMiddleware
 from .handles import Handle
+from .ratelimit import SharedCounters
 from .registry import AppArgsBase, AppContext
-from .request_context import RequestMeta, bind, new_request_id
+from .request_context import RequestMeta, bind, current, new_request_id
 from .schemas.common import ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -51,7 +54,12 @@ def error_response(exc: BaseException) -> JSONResponse:
     exc = unwrap(exc)
     if not isinstance(exc, ServeAppError):
         logger.exception("unhandled error", exc_info=exc)
-    return JSONResponse(error_body(exc), status_code=status_of(exc), headers=error_headers(exc))
+    meta = current()
+    return JSONResponse(
+        error_body(exc, meta.request_id if meta else None),
+        status_code=status_of(exc),
+        headers=error_headers(exc),
+    )
 
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # unrolled: linear, no backtracking
@@ -167,9 +175,12 @@ class RequestContextMiddleware:
     of the services enforce it (504).
     """
 
-    def __init__(self, app: ASGIApp, limits: Limits):
+    def __init__(self, app: ASGIApp, limits: Limits, echo_adopted_id: bool = True):
         self.app = app
         self.limits = limits
+        # False behind Ray Serve's proxy, which returns the request's x-request-id itself
+        # (the one it put into the request, which this adopts): one header, not two.
+        self.echo_adopted_id = echo_adopted_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -189,8 +200,10 @@ class RequestContextMiddleware:
             deadline=time.time() + timeout,
         )
 
+        echo = self.echo_adopted_id or meta.request_id != given
+
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if echo and message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
                 headers.append((b"x-request-id", meta.request_id.encode()))
                 message = {**message, "headers": headers}
@@ -212,23 +225,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if errors and errors[0].get("type") == "json_invalid":
-            return error_response(
-                InvalidRequestError(
-                    f"request body is not valid JSON: {errors[0].get('msg', '')}",
-                    code="invalid_json",
-                )
-            )
-
-        def where(e: Any) -> str:
-            return ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-
-        message = "; ".join(f"{where(e) or 'body'}: {e.get('msg')}" for e in errors)
-        param = where(errors[0]) if errors else None
-        return error_response(
-            InvalidRequestError(message, param=param or None, code="invalid_value")
-        )
+        return error_response(validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -257,9 +254,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in {
         400: "invalid request (the error envelope; param names the field)",
+        401: "no API key, or not a valid one (auth on)",
         404: "unknown model or route",
         408: "request body not received in time",
         413: "request body or image too large",
+        429: "over the API key's requests or tokens per minute; retry after Retry-After",
         500: "internal error",
         503: "overloaded or unavailable; retry after Retry-After seconds",
         504: "deadline exceeded; retry after Retry-After seconds",
@@ -284,15 +283,43 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return openapi
 
 
-def create_app(args: AppArgsBase, handles: Mapping[str, Handle]) -> FastAPI:
-    """The FastAPI app for ``args``; ``handles`` maps service key -> handle."""
+def metrics_router() -> APIRouter:
+    """``GET /metrics``: this process's metrics for Prometheus, where Ray's exporter is not
+    there (in-process, Modal). It needs an API key like every route when auth is on."""
+    api = APIRouter(tags=["metrics"])
+
+    @api.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return api
+
+
+def create_app(
+    args: AppArgsBase,
+    handles: Mapping[str, Handle],
+    *,
+    counters: SharedCounters | None = None,
+    echo_adopted_id: bool = True,
+) -> FastAPI:
+    """The FastAPI app for ``args``; ``handles`` maps service key -> handle. ``counters``:
+    where the rate limits count (default: this process, or ``rate_limits.storage``);
+    ``echo_adopted_id``: see :class:`RequestContextMiddleware` (False on Ray Serve)."""
     ctx = AppContext.from_handles(args, handles)
     app = FastAPI(title="serve-apps", version=__version__)
     app.add_middleware(BodyMiddleware, limits=args.limits)
-    app.add_middleware(RequestContextMiddleware, limits=args.limits)  # added last: outermost
+    app.add_middleware(
+        FrontDoorMiddleware, auth=args.auth, rate_limits=args.rate_limits, counters=counters
+    )
+    app.add_middleware(  # added last: outermost
+        RequestContextMiddleware, limits=args.limits, echo_adopted_id=echo_adopted_id
+    )
     install_error_handlers(app)
     for router in ctx.routers():
         app.include_router(router, responses=ERROR_RESPONSES)
+    if metrics.exports_http():
+        app.include_router(metrics_router())
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app
 

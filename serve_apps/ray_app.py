@@ -38,17 +38,82 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from . import metrics
 from .batch.runner import Graph
-from .config import ModelConfig
+from .config import KeyLimits, ModelConfig, RateLimits
 from .errors import InvalidRequestError, OverloadedError, UnavailableError, unwrap
 from .ingress import create_app
+from .ratelimit import Counters, Decision, SharedCounters, local_counters
 from .registry import INGRESS, INGRESS_CPUS, AppArgs, AppArgsBase, ServiceSpec
-from .request_context import RequestMeta, bind, current
+from .request_context import RequestMeta, bind, current, install_log_context
 from .worker_bundles import replica_placement
 
-__all__ = ["RayHandle", "bind_graph", "build_app"]
+__all__ = ["RayCounters", "RayHandle", "bind_graph", "build_app"]
 
 logger = logging.getLogger(__name__)
+
+
+def _replica_setup() -> None:
+    """What every replica process of the app does first: record metrics through Ray's
+    metrics (Ray's Prometheus exporter), and send our package's log lines where the
+    replica's own Serve log lines go (its log file; JSON with
+    ``LoggingConfig(encoding="JSON")``), with Serve's request ID and ours (the same
+    value) and the API key's name."""
+    metrics.use_ray()
+    install_log_context()
+    ours, serve_logger = logging.getLogger("serve_apps"), logging.getLogger("ray.serve")
+    for handler in serve_logger.handlers:
+        if handler not in ours.handlers:
+            ours.addHandler(handler)
+    if serve_logger.handlers:
+        ours.propagate = False
+        if ours.level == logging.NOTSET:
+            ours.setLevel(serve_logger.level or logging.INFO)
+
+
+RATE_LIMIT_NAMESPACE = "serve_apps"
+
+
+class RayCounters:
+    """The rate-limit counters of one Serve application in one named Ray actor, which
+    every ingress replica finds by name (``get_if_exists``): the limits hold however many
+    ingress replicas there are. The actor runs calls one at a time, so each step is atomic.
+    Detached, so it outlives the replica that happened to create it."""
+
+    def __init__(self, app_name: str, storage_uri: str = "memory://"):
+        import ray
+
+        actor = ray.remote(num_cpus=0, max_restarts=-1)(Counters)
+        self.name = f"rate-limits:{app_name}"
+        self._actor: Any = actor.options(
+            name=self.name,
+            namespace=RATE_LIMIT_NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+        ).remote(storage_uri)
+
+    async def admit(self, key: str, limits: KeyLimits) -> Decision:
+        decision: Decision = await self._actor.admit.remote(key, limits)
+        return decision
+
+    async def reserve(self, key: str, limits: KeyLimits, amount: int) -> Decision:
+        decision: Decision = await self._actor.reserve.remote(key, limits, amount)
+        return decision
+
+    async def settle(self, key: str, limits: KeyLimits, delta: int, window_reset_at: float) -> None:
+        # Not awaited: nothing waits for it, and Ray runs an actor's calls from one caller in
+        # the order they were made, so this replica's next admit/reserve sees it settled.
+        self._actor.settle.remote(key, limits, delta, window_reset_at)
+
+
+def shared_counters(config: RateLimits) -> SharedCounters | None:
+    """Where an ingress replica counts: ``auto``: the application's :class:`RayCounters`;
+    ``memory``: this replica alone; a ``limits`` URI: that storage."""
+    if not config.enabled:
+        return None
+    if config.storage != "auto":
+        return local_counters(config)
+    return RayCounters(serve.get_replica_context().app_name)
 
 
 class RayHandle:
@@ -65,6 +130,11 @@ class RayHandle:
 
     def __init__(self, handle: DeploymentHandle):
         self._handle = handle
+
+    def for_model(self, model_id: str) -> RayHandle:
+        """This handle with Ray Serve's multiplexed model id set: requests go to replicas
+        that already hold ``model_id`` (an adapter), see ``Replica.invoke``."""
+        return RayHandle(self._handle.options(multiplexed_model_id=model_id))
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         for attempt in range(self.RETRIES + 1):
@@ -157,8 +227,24 @@ def _replica_class(spec: ServiceSpec[Any, Any]) -> type:
             placement_group = get_current_placement_group()
             if placement_group is not None and _takes_placement_group(server_class):
                 kwargs["placement_group"] = placement_group
-            super().__init__(server_class.config_type.model_validate(config), **kwargs)
+            _replica_setup()
+            parsed = server_class.config_type.model_validate(config)
+            super().__init__(parsed, **kwargs)
             await self.start()
+            self._multiplexed: Any = None
+            if isinstance(parsed, ModelConfig) and parsed.adapters:
+                # Ray Serve's model multiplexing: the adapters this replica holds (an LRU
+                # of max_loaded_adapters, the engine's own bound) are reported to the
+                # routers, which send requests for one to the replicas holding it.
+                server = self
+
+                async def hold(model_id: str) -> str:
+                    held: str = await server.hold_adapter(model_id)
+                    return held
+
+                self._multiplexed = serve.multiplexed(
+                    max_num_models_per_replica=parsed.max_loaded_adapters
+                )(hold)
 
         async def check_health(self) -> None:
             # Ray calls this periodically; a dead engine makes the replica unhealthy.
@@ -170,14 +256,27 @@ def _replica_class(spec: ServiceSpec[Any, Any]) -> type:
             """What every RayHandle call arrives as: the request's meta bound, then the
             server's ``method``."""
             with bind(meta):
+                await self._hold_multiplexed()
                 return await _server_method(self, method)(*args, **kwargs)
 
         async def invoke_stream(
             self, method: str, meta: RequestMeta | None, args: tuple[Any, ...], kwargs: Any
         ) -> AsyncIterator[Any]:
             with bind(meta):
+                await self._hold_multiplexed()
                 async for item in _server_method(self, method)(*args, **kwargs):
                     yield item
+
+        async def _hold_multiplexed(self) -> None:
+            """Mark the request's adapter (its multiplexed model id) used on this replica."""
+            model_id = serve.get_multiplexed_model_id()
+            if model_id and self._multiplexed is not None:
+                await self._multiplexed(model_id)
+
+        async def replica_stats(self) -> dict[str, Any]:
+            """The server's stats and which replica answered (tests, benchmarks)."""
+            stats: dict[str, Any] = await self.stats()
+            return {"replica": serve.get_replica_context().replica_id.unique_id, **stats}
 
     Replica.__name__ = Replica.__qualname__ = f"{spec.name}Replica"
     return Replica
@@ -187,8 +286,13 @@ class _IngressReplica:
     """The FastAPI ingress; it holds a handle per service."""
 
     def __init__(self, args: dict[str, Any], handles: dict[str, DeploymentHandle]):
+        _replica_setup()
+        app_args = AppArgs.model_validate(args)
         self._app = create_app(
-            AppArgs.model_validate(args), {k: RayHandle(h) for k, h in handles.items()}
+            app_args,
+            {k: RayHandle(h) for k, h in handles.items()},
+            counters=shared_counters(app_args.rate_limits),
+            echo_adopted_id=False,  # Serve's proxy returns it
         )
 
     def __serve_build_asgi_app__(self) -> Any:

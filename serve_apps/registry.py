@@ -39,14 +39,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, Field, create_model, model_validator
 
+from . import front_door
 from .batch.runner import BatchClient, BatchConfig, BatchRunner, Graph
 from .clients import Client, DetectorClient, GrounderClient, LLMClient, SegmenterClient
 from .config import (
+    AdapterConfig,
+    AuthConfig,
+    CompatConfig,
     DetectorConfig,
     GrounderConfig,
     ImageLimits,
     Limits,
+    ModalArgs,
     ModelConfig,
+    RateLimits,
     SAMConfig,
     Settings,
 )
@@ -66,7 +72,7 @@ K = TypeVar("K", bound=Client)
 INGRESS = "Ingress"  # the ingress deployment's name (Serve config, Modal class)
 INGRESS_CPUS = 0.25
 # Mounted whatever the config: readiness and liveness.
-ALWAYS_ROUTERS = ("serve_apps.routers.health:router",)
+ALWAYS_ROUTERS = ("serve_apps.routers.health:router", "serve_apps.routers.compat:router")
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,7 +102,10 @@ LLM = ServiceSpec(
     name="LLM",
     key="llm",
     config_type=ModelConfig,
-    default=ModelConfig(served_model_name="smoke-llm"),
+    # The embedded default ships one smoke LoRA adapter, served as "smoke-llm-lora".
+    default=ModelConfig(
+        served_model_name="smoke-llm", adapters=[AdapterConfig(name="smoke-llm-lora")]
+    ),
     server=LLMServer,
     client=LLMClient,
     description="chat and completions",
@@ -197,6 +206,10 @@ class AppArgsBase(StrictModel):
 
     limits: Limits = Limits()
     images: ImageLimits = ImageLimits()
+    modal: ModalArgs = ModalArgs()
+    compat: CompatConfig = CompatConfig()
+    auth: AuthConfig = AuthConfig()
+    rate_limits: RateLimits = RateLimits()
 
     def config(self, spec: ServiceSpec[C, Any]) -> C | None:
         """The config of one service (None when it is off), typed by its entry."""
@@ -216,11 +229,19 @@ class AppArgsBase(StrictModel):
         return {s.key: cfg for s, cfg in self.enabled() if isinstance(cfg, ModelConfig)}
 
     @model_validator(mode="after")
+    def _modal_classes_exist(self) -> AppArgsBase:
+        names = [INGRESS, *(s.name for s in self.SERVICES)]
+        unknown = sorted(set(self.modal.classes) - set(names))
+        if unknown:
+            raise ValueError(f"modal.classes: no deployment named {unknown}; deployments: {names}")
+        return self
+
+    @model_validator(mode="after")
     def _unique_model_names(self) -> AppArgsBase:
-        names = [cfg.served_model_name for cfg in self.model_configs().values()]
+        names = [n for cfg in self.model_configs().values() for n in cfg.served_names]
         if len(set(names)) != len(names):
             keys = ", ".join(self.model_configs())
-            raise ValueError(f"{keys} need different served_model_name values")
+            raise ValueError(f"{keys} need different served_model_name values and adapter names")
         return self
 
 
@@ -318,8 +339,10 @@ class AppContext:
 
     @cached_property
     def model_services(self) -> dict[str, str]:
-        """Served model name -> service key, for every LLM-style service."""
-        return {cfg.served_model_name: key for key, cfg in self.args.model_configs().items()}
+        """Served model name -> service key, for every LLM-style service and adapter."""
+        return {
+            name: key for key, cfg in self.args.model_configs().items() for name in cfg.served_names
+        }
 
     def model_client(
         self, model: str | None, default: ServiceSpec[Any, LLMClient]
@@ -333,6 +356,7 @@ class AppContext:
                     f"name a model: the default {default.key} service is not configured",
                     param="model",
                 )
+            front_door.record_model(self.args.model_configs()[default.key].served_model_name)
             return default.key, client
         key = self.model_services.get(model)
         if key is None:
@@ -342,7 +366,17 @@ class AppContext:
             )
         found = self.clients[key]
         assert isinstance(found, LLMClient)
+        config = self.args.model_configs()[key]
+        if model != config.served_model_name:  # an adapter: route by its name
+            found = found.for_model(model)
+        front_door.record_model(model)
         return key, found
+
+    async def reserve_tokens(self, key: str, texts: list[str], max_tokens: int | None) -> None:
+        """Reserve a generation's tokens for its API key's tokens-per-minute limit (429
+        when they do not fit): its text, and ``max_tokens`` or the model's default."""
+        budget = max_tokens or self.args.model_configs()[key].default_max_tokens
+        await front_door.reserve_tokens(sum(len(t) for t in texts), budget)
 
     def routers(self) -> list[APIRouter]:
         """The routers to mount: the ones every app has, then each enabled service's."""

@@ -78,9 +78,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The contract app's API keys (auth is on in the contract, on every target): a file, as a
+# mounted Kubernetes Secret would be, so a test can revoke a key by rewriting it. Written at
+# import, before any target starts (Ray workers read the same file).
+CONTRACT_KEYS = {
+    "contract": "sk-contract-0001",  # what ContractClient sends: no limits
+    "limited": "sk-contract-0002",  # 3 requests per minute
+    "tokens": "sk-contract-0003",  # 400 tokens per minute
+    "revocable": "sk-contract-0004",  # revoked and restored by a test
+    "shared": "sk-contract-0005",  # the 2-ingress-replica test's key
+}
+CONTRACT_KEYS_FILE = REPO / ".cache" / "contract-api-keys"
+CONTRACT_KEYS_FILE.parent.mkdir(parents=True, exist_ok=True)
+CONTRACT_KEYS_FILE.write_text("".join(f"{n}={k}\n" for n, k in CONTRACT_KEYS.items()))
+CONTRACT_HEADERS = {"Authorization": f"Bearer {CONTRACT_KEYS['contract']}"}
+
 # The app the HTTP contract suite runs against, on every target: smoke models, small limits.
 CONTRACT_ARGS = {
-    "llm": {"served_model_name": "smoke-llm", "default_max_tokens": 16},
+    # One smoke LoRA adapter, served as a model of its own on every target.
+    "llm": {
+        "served_model_name": "smoke-llm",
+        "default_max_tokens": 16,
+        "adapters": [{"name": "smoke-llm-lora"}],
+    },
     "codegen": {"served_model_name": "smoke-codegen", "default_max_tokens": 64},
     "limits": {"max_tokens": 512, "max_request_bytes": 65536},
     "detector": {
@@ -95,6 +115,13 @@ CONTRACT_ARGS = {
     # Small limits, so the contract can cross them with small requests; the body limit
     # is larger than the image limit so that images meet their own limit first.
     "images": {"max_image_bytes": 32768, "max_image_pixels": 250000},
+    "auth": {"enabled": True, "keys_env": None, "keys_file": str(CONTRACT_KEYS_FILE)},
+    "rate_limits": {
+        "keys": {
+            "limited": {"requests_per_minute": 3},
+            "tokens": {"tokens_per_minute": 400},
+        }
+    },
 }
 
 
@@ -156,7 +183,15 @@ def ray_cluster():
     import ray
 
     # Logical CPUs: replicas ask for fractions, the machine may have only 2 cores.
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # Ray's metrics agent exports on its own port (tests scrape it), reporting every second.
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=free_port(),
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     yield
     ray.shutdown()
 
@@ -190,13 +225,20 @@ def vllm_ray_serve_url(ray_cluster):
     serve.shutdown()
 
 
-def load_modal_app(config: Path, mode: str, module_name: str, plan_json: str | None = None):
+def load_modal_app(
+    config: Path,
+    mode: str,
+    module_name: str,
+    plan_json: str | None = None,
+    env: dict[str, str] | None = None,
+):
     """Import modal_adapter/app.py the way `modal deploy` does (as a file), for a Serve
-    config and mode, or (``plan_json``) the way a container does, from a baked plan."""
+    config and mode, or (``plan_json``) the way a container does, from a baked plan.
+    ``env``: more ``SERVE_APPS_MODAL_*`` settings."""
     import importlib.util
     import sys
 
-    env = {"SERVE_APPS_MODAL_CONFIG": str(config), "SERVE_APPS_MODAL_MODE": mode}
+    env = {**(env or {}), "SERVE_APPS_MODAL_CONFIG": str(config), "SERVE_APPS_MODAL_MODE": mode}
     if plan_json is not None:
         env["SERVE_APPS_MODAL_PLAN"] = plan_json
     saved = {k: os.environ.get(k) for k in [*env, "SERVE_APPS_MODAL_PLAN"]}

@@ -22,14 +22,20 @@ def sse_events(text: str) -> list[Any]:
 
 
 def assert_envelope(
-    response: httpx.Response, status: int, code: str | None = None
+    response: httpx.Response, status: int, code: str | None = None, *, success: bool = False
 ) -> dict[str, Any]:
-    """The response is an error of ``status`` in the shared envelope; returns the error."""
+    """The response is an error of ``status`` in the shared envelope; returns the error.
+    ``success=True``: a compat route's error, the envelope plus ``"success": false``."""
     assert response.status_code == status, response.text
     body = response.json()
+    if success:
+        assert body.get("success") is False, body
+        body = {k: v for k, v in body.items() if k != "success"}
     assert set(body) == {"error"}, body
     err = body["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
+    assert set(err) - {"request_id"} == {"message", "type", "param", "code"}, err
+    if "request_id" in err:
+        assert response.headers.get_list("x-request-id") == [err["request_id"]], err
     assert isinstance(err["message"], str) and err["message"]
     if code is not None:
         assert err["code"] == code, err

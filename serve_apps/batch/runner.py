@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from ..clients import Client
-from ..config import Settings
+from ..config import AuthConfig, RateLimits, Settings
 from ..errors import UnavailableError
 from ..schemas.common import StrictModel
 from .lines import ENDPOINTS, BatchLine, output_line, parse_input
@@ -120,8 +120,13 @@ class BatchRunner:
         if self.graph is None:
             raise UnavailableError("the batch runner needs the graph's handles")
         self.store = await asyncio.to_thread(BatchStore, self.config.store_path(self.settings))
-        # The app of the ingress, over the same handles, without this service.
-        args = self.graph.args.model_copy(update={"batch": None})
+        # The app of the ingress, over the same handles, without this service, and without
+        # the front door: a batch's lines were admitted when the batch was created (through
+        # the front door, with the creator's API key), so the runner's in-process calls need
+        # no key of their own and do not count against any key's rate limits.
+        args = self.graph.args.model_copy(
+            update={"batch": None, "auth": AuthConfig(), "rate_limits": RateLimits()}
+        )
         handles = {k: h for k, h in self.graph.handles.items() if k != "batch"}
         self._model_services = {
             cfg.served_model_name: key for key, cfg in args.model_configs().items()

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..config import ModelConfig, Settings
+    from .adapters import AdapterSource
     from .base import LLMEngine
 
 
@@ -44,8 +45,17 @@ BACKENDS: dict[str, Backend] = {
 
 
 def resolve_model(config: ModelConfig, settings: Settings) -> str:
-    """The ``from_pretrained`` argument for a model config: its id/path, or the smoke model."""
+    """The ``from_pretrained`` argument for a model config: its id/path, or the smoke model.
+
+    With ``settings.offline_models`` a Hub model resolves to its provisioned snapshot
+    directory (``serve_apps.provision``), or fails naming the prefetch command.
+    """
     if config.model is not None:
+        if settings.offline_models:
+            from ..provision import HubModel, hub_snapshot, is_hub_id
+
+            if is_hub_id(config.model):
+                return str(hub_snapshot(HubModel(config.model, config.revision), settings))
         return config.model
     from .smoke import smoke_llm_path, smoke_vl_path
 
@@ -54,17 +64,42 @@ def resolve_model(config: ModelConfig, settings: Settings) -> str:
     return str(smoke_llm_path(settings.cache_dir))
 
 
-def create_llm_engine(config: ModelConfig, model: str, *, placement_group: Any = None) -> LLMEngine:
+def resolve_adapters(config: ModelConfig, settings: Settings) -> dict[str, AdapterSource]:
+    """Name -> where the weights are, for every adapter of ``config`` (smoke ones built)."""
+    from .adapters import AdapterSource
+
+    sources: dict[str, AdapterSource] = {}
+    for adapter in config.adapters:
+        if adapter.path is None:
+            from .smoke import smoke_lora_path
+
+            path = str(smoke_lora_path(settings.cache_dir, adapter.seed))
+        else:
+            path = adapter.path
+        sources[adapter.name] = AdapterSource(adapter.name, path, adapter.revision)
+    return sources
+
+
+def create_llm_engine(
+    config: ModelConfig,
+    model: str,
+    *,
+    placement_group: Any = None,
+    adapters: dict[str, AdapterSource] | None = None,
+) -> LLMEngine:
     """The engine ``config.backend`` names for ``model`` (a resolved id or path).
 
     ``placement_group`` is what a serving target reserved for the engine's workers (Ray
     Serve's replica placement group, see :mod:`serve_apps.worker_bundles`); engines that
-    spread over several devices use it, the others ignore it.
+    spread over several devices use it, the others ignore it. ``adapters`` are the config's
+    LoRA adapters, resolved (:func:`resolve_adapters`).
     """
     path = BACKENDS[config.backend].engine_path(config.modality)
     if path is None:  # ModelConfig refuses this when it is parsed
         raise ValueError(f"backend {config.backend} serves no {config.modality} models")
     module, _, name = path.partition(":")
     engine_class = getattr(importlib.import_module(module), name)
-    engine: LLMEngine = engine_class.from_config(config, model, placement_group=placement_group)
+    engine: LLMEngine = engine_class.from_config(
+        config, model, placement_group=placement_group, adapters=adapters
+    )
     return engine

@@ -40,7 +40,7 @@ from __future__ import annotations
 import abc
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Self
 
@@ -49,6 +49,7 @@ from ..request_context import current
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
+    from .adapters import AdapterSource
 
 FinishReason = Literal["stop", "length"]
 ConstraintKind = Literal["json_schema", "regex", "grammar"]
@@ -74,6 +75,18 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # False keeps special tokens in the text (Rex-Omni's output format is made of them).
     skip_special_tokens: bool = True
+    # OpenAI semantics: subtracted from the logit of every token already generated, once
+    # (presence) or once per occurrence (frequency); the prompt does not count.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Log-probabilities of each sampled token and of this many most likely alternatives
+    # (0: the sampled token only); None: none. From the model's raw distribution (before
+    # penalties, constraints and temperature), as vLLM reports them by default.
+    logprobs: int | None = None
+    # A token mask: only these ids may be sampled (None: any), and never these. EOS stays
+    # allowed so that generation can end.
+    allowed_token_ids: frozenset[int] | None = None
+    forbidden_token_ids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -84,6 +97,12 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if not self.repetition_penalty > 0.0:
             raise ValueError("repetition_penalty must be > 0")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError("logprobs must be >= 0")
+
+    @property
+    def has_token_mask(self) -> bool:
+        return self.allowed_token_ids is not None or bool(self.forbidden_token_ids)
 
 
 @dataclass
@@ -98,6 +117,8 @@ class GenerationRequest:
     images: Sequence[Any] = ()
     # Chat prompts come out of the chat template with their special tokens already in.
     add_special_tokens: bool = True
+    # The LoRA adapter (its served name) this request runs with; None: the base model.
+    adapter: str | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Wall-clock time (time.time()) past which nobody waits for the answer; None: never.
     deadline: float | None = field(default_factory=lambda: _current_deadline())
@@ -115,9 +136,21 @@ def deadline_error(where: str) -> DeadlineExceededError:
     return DeadlineExceededError(f"the request's deadline passed {where}; its work was stopped")
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives'."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass
 class GenerationOutput:
-    """A delta of generated text (or, from ``generate_full``, the whole of it)."""
+    """A delta of generated text (or, from ``generate_full``, the whole of it).
+
+    ``logprobs`` (when the request asked for them) has one entry per id in ``token_ids``.
+    """
 
     text: str
     token_ids: list[int]
@@ -125,6 +158,26 @@ class GenerationOutput:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     constraint_satisfied: bool | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+    @classmethod
+    def join(cls, outputs: Sequence[GenerationOutput]) -> GenerationOutput:
+        """Consecutive deltas as one: their text and ids in order, the last one's counts
+        and verdict."""
+        last = outputs[-1]
+        return cls(
+            text="".join(o.text for o in outputs),
+            token_ids=[i for o in outputs for i in o.token_ids],
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            finish_reason=last.finish_reason,
+            constraint_satisfied=last.constraint_satisfied,
+            logprobs=(
+                [lp for o in outputs for lp in o.logprobs or ()]
+                if last.logprobs is not None
+                else None
+            ),
+        )
 
 
 @dataclass(frozen=True)
@@ -144,13 +197,24 @@ class LLMEngine(abc.ABC):
     """Base class of every LLM engine; see the module docstring for the contract."""
 
     @classmethod
-    def from_config(cls, config: ModelConfig, model: str, *, placement_group: Any = None) -> Self:
+    def from_config(
+        cls,
+        config: ModelConfig,
+        model: str,
+        *,
+        placement_group: Any = None,
+        adapters: Mapping[str, AdapterSource] | None = None,
+    ) -> Self:
         """The engine for a model config and its resolved ``model`` id or path.
 
         Engines with options of their own override this; ``placement_group`` is what the
-        serving target reserved for an engine's workers (only vLLM uses it).
+        serving target reserved for an engine's workers (only vLLM uses it); ``adapters``
+        the config's LoRA adapters with their resolved paths (engines that serve them).
         """
-        return cls(model, **common_options(config))  # type: ignore[call-arg]
+        options = common_options(config)
+        if adapters:
+            options.update(adapters=adapters, max_loaded_adapters=config.max_loaded_adapters)
+        return cls(model, **options)  # type: ignore[call-arg]
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -182,22 +246,9 @@ class LLMEngine(abc.ABC):
         """Stream deltas for ``request`` (an async generator)."""
 
     async def generate_full(self, request: GenerationRequest) -> GenerationOutput:
-        text: list[str] = []
-        ids: list[int] = []
-        last: GenerationOutput | None = None
-        async for out in self.generate(request):
-            text.append(out.text)
-            ids.extend(out.token_ids)
-            last = out
-        assert last is not None and last.finish_reason is not None, "engine broke the contract"
-        return GenerationOutput(
-            text="".join(text),
-            token_ids=ids,
-            prompt_tokens=last.prompt_tokens,
-            completion_tokens=last.completion_tokens,
-            finish_reason=last.finish_reason,
-            constraint_satisfied=last.constraint_satisfied,
-        )
+        outputs = [out async for out in self.generate(request)]
+        assert outputs and outputs[-1].finish_reason is not None, "engine broke the contract"
+        return GenerationOutput.join(outputs)
 
     def stats(self) -> dict[str, Any]:
         """Counters for tests and benchmarks. Engines report at least ``tokens_generated``

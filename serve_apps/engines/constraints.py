@@ -6,9 +6,9 @@ schemas), so compiled matchers are kept in an LRU keyed by the SHA-256 of the co
 canonical text, and each request gets a cheap ``deep_copy`` of the cached one.
 
 During decoding, :class:`BatchMasker` computes the allowed-token bitmask of every
-constrained row of the batch in one parallel llguidance call and sets the logits of
-disallowed tokens to ``-inf`` before sampling, so the sampled text can only follow the
-grammar.
+constrained row of the batch in one parallel llguidance call, in a helper thread while
+the model's forward pass runs, and sets the logits of disallowed tokens to ``-inf`` before
+sampling, so the sampled text can only follow the grammar.
 """
 
 from __future__ import annotations
@@ -18,8 +18,11 @@ import json
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .. import metrics
 from ..errors import ConstraintError
 from .base import Constraint
 
@@ -140,8 +143,13 @@ class ConstraintCompiler:
             if proto is not None:
                 self._cache.move_to_end(key)
                 self.hits += 1
+        metrics.inc(metrics.CONSTRAINT_CACHE, result="miss" if proto is None else "hit")
         if proto is None:
+            t0 = time.perf_counter()
             proto = self._compile(constraint)
+            metrics.observe(
+                metrics.CONSTRAINT_COMPILE, time.perf_counter() - t0, kind=constraint.kind
+            )
             with self._lock:
                 self.misses += 1
                 self._cache[key] = proto
@@ -182,8 +190,21 @@ def constraint_satisfied(matcher: llguidance.LLMatcher, stopped_by_string: bool)
     return bool(matcher.is_accepting())
 
 
+@dataclass
+class PendingMasks:
+    """Bitmasks being computed for some rows of the next logits (see ``BatchMasker.start``)."""
+
+    rows: list[tuple[int, llguidance.LLMatcher]]
+    bitmask: torch.Tensor
+    done: Future[None]
+    started: float
+
+
 class BatchMasker:
-    """Applies the grammar masks of the constrained rows of a batch to its logits."""
+    """Computes the grammar masks of a batch's constrained rows and applies them to its
+    logits. ``start`` computes them in a helper thread, so that the model's forward pass
+    runs meanwhile (llguidance and torch both release the GIL: this is how vLLM and SGLang
+    keep masking off the critical path); ``apply`` waits for them and masks."""
 
     def __init__(self, vocab_size: int):
         # At load, not on first use: llguidance.torch imports torch.compile's machinery,
@@ -192,8 +213,11 @@ class BatchMasker:
         import llguidance.torch
 
         self._executor = llguidance.LLExecutor()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llg-mask")
         self._vocab_size = vocab_size
-        self.mask_seconds: list[float] = []  # one entry per masked decode step, for benchmarks
+        # Per masked step: seconds the step waited for its masks after the forward pass
+        # (0 when masking was fully hidden), for benchmarks.
+        self.mask_seconds: list[float] = []
 
     def median_mask_seconds(self) -> float | None:
         if not self.mask_seconds:
@@ -201,36 +225,56 @@ class BatchMasker:
         ordered = sorted(self.mask_seconds)
         return ordered[len(ordered) // 2]
 
+    def start(self, rows: list[tuple[int, llguidance.LLMatcher]]) -> PendingMasks | None:
+        """Start computing the masks of (row, matcher) pairs; None when there are none.
+        The matchers must not advance until ``apply`` has taken the result."""
+        import llguidance.torch as llt
+
+        if not rows:
+            return None
+        bitmask = llt.allocate_token_bitmask(len(rows), self._vocab_size)
+        pairs = [(m, i) for i, (_, m) in enumerate(rows)]
+        done = self._pool.submit(llt.fill_next_token_bitmask_par, self._executor, pairs, bitmask)
+        return PendingMasks(rows, bitmask, done, time.perf_counter())
+
+    @staticmethod
+    def settle(pending: PendingMasks | None) -> None:
+        """Wait for masks nobody will apply (the forward pass failed): the matchers are
+        not touched by the helper thread after this."""
+        if pending is not None:
+            pending.done.exception()
+
     def apply(
-        self, logits: torch.Tensor, rows: list[tuple[int, llguidance.LLMatcher]]
+        self,
+        logits: torch.Tensor,
+        rows: list[tuple[int, llguidance.LLMatcher]] | PendingMasks | None,
     ) -> list[tuple[int, ConstraintError]]:
-        """Mask ``logits`` (batch, model_vocab) in place for the given (row, matcher) pairs.
+        """Mask ``logits`` (batch, model_vocab) in place for the given (row, matcher) pairs
+        (computed now) or the masks ``start`` computed.
 
         Returns the rows whose matcher failed while computing its mask (a grammar limit
         hit mid-way), each with its error: those rows must not be sampled.
         """
-        import llguidance.torch as llt
         import torch
 
-        if not rows:
+        pending = rows if isinstance(rows, PendingMasks) or rows is None else self.start(rows)
+        if pending is None:
             return []
-        t0 = time.perf_counter()
-        bitmask = llt.allocate_token_bitmask(len(rows), self._vocab_size)
-        llt.fill_next_token_bitmask_par(
-            self._executor, [(m, i) for i, (_, m) in enumerate(rows)], bitmask
-        )
+        waited_from = time.perf_counter()
+        pending.done.result()
         # Unpack bits to a boolean "allowed" matrix; tokens beyond the tokenizer's vocab
         # (embedding padding) are never allowed.
+        n = len(pending.rows)
         shifts = torch.arange(32, dtype=torch.int32)
-        allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().view(len(rows), -1)
-        index = torch.tensor([r for r, _ in rows], dtype=torch.long, device=logits.device)
+        allowed = ((pending.bitmask.unsqueeze(-1) >> shifts) & 1).bool().view(n, -1)
+        index = torch.tensor([r for r, _ in pending.rows], dtype=torch.long, device=logits.device)
         sub = logits.index_select(0, index)
         width = min(sub.shape[1], allowed.shape[1], self._vocab_size)
         keep = torch.zeros_like(sub, dtype=torch.bool)
         keep[:, :width] = allowed[:, :width].to(sub.device)
         sub.masked_fill_(~keep, float("-inf"))
         logits.index_copy_(0, index, sub)
-        self.mask_seconds.append(time.perf_counter() - t0)
+        self.mask_seconds.append(time.perf_counter() - max(waited_from, pending.started))
         if len(self.mask_seconds) > 100_000:
             del self.mask_seconds[:50_000]
-        return [(r, matcher_failure(m)) for r, m in rows if m.is_error()]
+        return [(r, matcher_failure(m)) for r, m in pending.rows if m.is_error()]

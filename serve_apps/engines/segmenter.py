@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from .. import metrics
 from ..timing import elapsed_ms
 from ..vision_checks import check_box_count
 from .batching import MicroBatcher
@@ -267,6 +268,7 @@ class Segmenter:
             cached = self._cache.get(key)
             if cached is not None:
                 self._cache.move_to_end(key)
+        metrics.inc(metrics.SAM_EMBEDDING_CACHE, result="miss" if cached is None else "hit")
         if cached is not None:
             self.counters["cache_hits"] += 1
             return cached, True, {"decode": 0.0, "encode": 0.0}

@@ -10,6 +10,9 @@ configuration serves models that the project builds itself on first use:
   of Rex-Omni) with a locally built ``Qwen2_5_VLProcessor``: the same kind of tokenizer
   plus Rex-Omni's coordinate tokens ``<0>``..``<999>``, Qwen2-VL's image processor (with
   a small pixel budget, for CPU speed) and Qwen2.5-VL's chat template;
+- **smoke LoRA adapter**: a PEFT LoRA (rank 8 on every attention and MLP projection) of
+  the smoke LLM, saved with ``save_pretrained`` like a fine-tuned adapter; its ``B``
+  matrices are drawn non-zero (a fresh LoRA's are zero), so the adapter changes outputs;
 - **smoke SAM checkpoint**: a segment-anything model with a 2-block ViT image encoder
   (the ``smoke`` type of :func:`serve_apps.engines.segmenter.sam_builders`), saved as a
   ``state_dict`` file like the official ``sam_vit_*.pth`` checkpoints.
@@ -35,6 +38,7 @@ logger = logging.getLogger(__name__)
 SMOKE_LLM_VERSION = 2
 SMOKE_VL_VERSION = 1
 SMOKE_SAM_VERSION = 1
+SMOKE_LORA_VERSION = 1
 DEFAULT_SEED = 0
 
 # Qwen2.5's special tokens (the VL ones included, so vision models can share the tokenizer).
@@ -311,6 +315,41 @@ def build_smoke_vl(out_dir: Path, seed: int = DEFAULT_SEED) -> None:
     )
 
 
+SMOKE_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_smoke_lora(out_dir: Path, seed: int = DEFAULT_SEED, *, base_dir: Path) -> None:
+    """Write a smoke LoRA adapter of the smoke LLM at ``base_dir`` (PEFT ``save_pretrained``).
+
+    A new LoRA's ``B`` is zero (the adapter starts as the identity); here ``A`` and ``B``
+    are both drawn from ``seed`` so that the adapter, like a trained one, changes what the
+    model says. The scale (std 0.2, alpha/r = 2) moves greedy outputs of the smoke model
+    within a few tokens.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules=SMOKE_LORA_TARGETS, bias="none"
+    )
+    model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    (out_dir / "README.md").write_text(
+        "# Smoke LoRA adapter (random weights)\n\n"
+        f"Built by `serve_apps.engines.smoke` from seed {seed}: a PEFT LoRA (r=8) of the smoke "
+        "LLM with random non-zero A and B. Its output differs from the base model's and is "
+        "as meaningless.\n"
+    )
+
+
 SMOKE_SAM_FILE = "sam_smoke.pth"
 
 
@@ -373,6 +412,16 @@ def smoke_llm_path(cache_dir: Path, seed: int = DEFAULT_SEED) -> Path:
 def smoke_vl_path(cache_dir: Path, seed: int = DEFAULT_SEED) -> Path:
     """Path of the smoke detector (Qwen2.5-VL), building it on first use."""
     return ensure_built(f"smoke-vl-v{SMOKE_VL_VERSION}", build_smoke_vl, cache_dir, seed)
+
+
+def smoke_lora_path(cache_dir: Path, seed: int = DEFAULT_SEED) -> Path:
+    """Path of the smoke LoRA adapter of seed ``seed`` (of the smoke LLM), built on first use."""
+    base_dir = smoke_llm_path(cache_dir)
+
+    def build(out_dir: Path, seed: int) -> None:
+        build_smoke_lora(out_dir, seed, base_dir=base_dir)
+
+    return ensure_built(f"smoke-lora-v{SMOKE_LORA_VERSION}", build, cache_dir, seed)
 
 
 def smoke_sam_checkpoint(cache_dir: Path, seed: int = DEFAULT_SEED) -> Path:

@@ -81,6 +81,30 @@ class TokenizedEngine(LLMEngine):
                 f"{self.model_name_or_path} is a text-only model; send no images"
             )
 
+    def _check_token_mask(self, request: GenerationRequest) -> None:
+        """A token mask names ids of this model's vocabulary, and leaves something to sample."""
+        sp = request.sampling
+        if not sp.has_token_mask:
+            return
+        vocab = self.compiler.vocab_size
+        named = (sp.allowed_token_ids or frozenset()) | sp.forbidden_token_ids
+        bad = sorted(t for t in named if not 0 <= t < vocab)
+        if bad:
+            raise InvalidRequestError(
+                f"token ids {bad[:10]} are not in the model's vocabulary (0..{vocab - 1})",
+                param="token_mask",
+            )
+        if sp.allowed_token_ids is not None and not (sp.allowed_token_ids - sp.forbidden_token_ids):
+            raise InvalidRequestError(
+                "the token mask allows no token (every allowed token is also forbidden)",
+                param="token_mask",
+            )
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, for logprobs (special tokens kept)."""
+        with self._tok_lock:
+            return str(self.tokenizer.decode([token_id], skip_special_tokens=False))
+
     async def _check_prompt(
         self, request: GenerationRequest, prompt_ids: list[int]
     ) -> llguidance.LLMatcher | None:
@@ -89,6 +113,7 @@ class TokenizedEngine(LLMEngine):
         if not prompt_ids:
             raise InvalidRequestError("the prompt encodes to no tokens", param="prompt")
         check_context(len(prompt_ids), request.sampling.max_tokens, self.info().max_model_len)
+        self._check_token_mask(request)
         if request.constraint is None:
             return None
         return await asyncio.to_thread(self.compiler.matcher, request.constraint)

@@ -30,25 +30,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import queue
 import random
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .. import metrics
 from ..errors import EngineError, OverloadedError, ServeAppError
+from .adapters import AdapterSource, PeftAdapters, unknown_adapter
 from .base import (
     FinishReason,
     GenerationOutput,
     GenerationRequest,
     ModelInfo,
     SamplingParams,
+    TokenLogprob,
     deadline_error,
     eos_token_ids,
 )
-from .constraints import BatchMasker, ConstraintCompiler, constraint_satisfied, matcher_failure
+from .constraints import (
+    BatchMasker,
+    ConstraintCompiler,
+    PendingMasks,
+    constraint_satisfied,
+    matcher_failure,
+)
 from .tokenized import TokenizedEngine
 
 if TYPE_CHECKING:
@@ -116,11 +126,24 @@ class _Sequence:
     n_ctx: int = 0  # real (non-padding) tokens in this row's KV cache
     next_token: int = -1  # sampled, not yet fed to the model
     seen: set[int] = field(default_factory=set)  # prompt + output ids, for repetition_penalty
+    counts: Counter[int] = field(default_factory=Counter)  # output ids, for the OpenAI penalties
+    token_mask: torch.Tensor | None = None  # allowed ids (bool over the vocabulary)
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     done: bool = False
     cancelled: bool = False
 
     def emit(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+
+
+def _constrained(seqs: list[_Sequence]) -> list[tuple[int, llguidance.LLMatcher]]:
+    return [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
+
+
+def _deliver(items: list[tuple[_Sequence, Any]]) -> None:
+    """On the event loop: put one step's outputs into their requests' queues."""
+    for seq, item in items:
+        seq.outputs.put_nowait(item)
 
 
 @dataclass
@@ -197,6 +220,8 @@ class TransformersEngine(TokenizedEngine):
         dtype: str = "auto",
         device: str = "auto",
         trust_remote_code: bool = False,
+        adapters: Mapping[str, AdapterSource] | None = None,
+        max_loaded_adapters: int = 4,
     ):
         super().__init__()
         self.model_name_or_path = model
@@ -212,6 +237,11 @@ class TransformersEngine(TokenizedEngine):
         self._thread: threading.Thread | None = None
         self._info: ModelInfo | None = None
         self._dead: BaseException | None = None  # set when the scheduler thread has ended
+        # Deltas of the current step, handed to the event loops together (_flush).
+        self._outbox: list[tuple[_Sequence, GenerationOutput]] = []
+        # LoRA adapters (PEFT); requests waiting for one to be free to load (scheduler).
+        self._adapters = PeftAdapters(adapters, max_loaded_adapters) if adapters else None
+        self._held: list[_Sequence] = []
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -239,7 +269,8 @@ class TransformersEngine(TokenizedEngine):
             revision=self.revision,
             trust_remote_code=self._trust_remote_code,
         )
-        self.model = self._load_model().to(self.device).eval()
+        model = self._load_model().to(self.device)
+        self.model = (self._adapters.wrap(model) if self._adapters else model).eval()
         self.compiler = ConstraintCompiler.for_hf_tokenizer(self.tokenizer)
         self.masker = BatchMasker(self.compiler.vocab_size)
 
@@ -311,8 +342,11 @@ class TransformersEngine(TokenizedEngine):
             "constraint_cache": {"hits": self.compiler.hits, "misses": self.compiler.misses},
             # Rows in the running batch and requests waiting to join it, right now.
             "active": len(getattr(self, "_active", ())),
-            "waiting": self._waiting.qsize(),
-            "in_flight": len(getattr(self, "_active", ())) + self._waiting.qsize(),
+            "waiting": self._waiting.qsize() + len(self._held),
+            "in_flight": len(getattr(self, "_active", ()))
+            + self._waiting.qsize()
+            + len(self._held),
+            **({"adapters": self._adapters.stats()} if self._adapters else {}),
         }
 
     async def shutdown(self) -> None:
@@ -346,7 +380,19 @@ class TransformersEngine(TokenizedEngine):
                 item = await seq.outputs.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                # Deltas that piled up while the consumer was busy (a slow client, the
+                # hops of a Serve graph) go out as one: one chunk to frame and send.
+                pending, error = [item], None
+                while item.finish_reason is None and not seq.outputs.empty():
+                    following = seq.outputs.get_nowait()
+                    if isinstance(following, BaseException):
+                        error = following
+                        break
+                    item = following
+                    pending.append(item)
+                yield pending[0] if len(pending) == 1 else GenerationOutput.join(pending)
+                if error is not None:
+                    raise error
                 if item.finish_reason is not None:
                     return
         finally:
@@ -357,6 +403,10 @@ class TransformersEngine(TokenizedEngine):
         """Everything that can reject a request, done before it is queued."""
 
         self._check_images(request)
+        if request.adapter is not None:
+            if self._adapters is None:
+                raise unknown_adapter(request.adapter, ())
+            self._adapters.check(request.adapter)
         self._check_prompt_length(request)
         inputs = await self._prompt_inputs(request)
         prompt_ids = inputs.ids
@@ -365,7 +415,11 @@ class TransformersEngine(TokenizedEngine):
         if request.sampling.temperature > 0:
             rng = random.Random(request.sampling.seed)  # None: seeded from the OS
         skip_special = request.sampling.skip_special_tokens
+        token_mask = None
+        if request.sampling.has_token_mask:
+            token_mask = self._token_mask(request.sampling)
         return _Sequence(
+            token_mask=token_mask,
             request=request,
             prompt_ids=prompt_ids,
             inputs=inputs,
@@ -376,6 +430,21 @@ class TransformersEngine(TokenizedEngine):
             rng=rng,
             seen=set(prompt_ids) if request.sampling.repetition_penalty != 1.0 else set(),
         )
+
+    def _token_mask(self, sp: SamplingParams) -> torch.Tensor:
+        """The allowed ids of a token mask as a boolean row over the model's logits."""
+        import torch
+
+        width = max(self.compiler.vocab_size, int(self.model.config.get_text_config().vocab_size))
+        if sp.allowed_token_ids is None:
+            mask = torch.ones(width, dtype=torch.bool)
+        else:
+            mask = torch.zeros(width, dtype=torch.bool)
+            mask[sorted(sp.allowed_token_ids)] = True
+        if sp.forbidden_token_ids:
+            mask[sorted(sp.forbidden_token_ids)] = False
+        mask[sorted(self._eos)] = True  # generation can always end
+        return mask.to(self.device)
 
     # ---------------------------------------------------------------- scheduler
     def _run(self) -> None:
@@ -397,15 +466,19 @@ class TransformersEngine(TokenizedEngine):
             logger.exception("the engine's scheduler died")
             reason = EngineError(f"the engine stopped: {e}")
         finally:
+            self._flush()
             self._dead = reason
-            self._fail([*self._active, *self._drain_waiting()], reason)
+            self._fail([*self._active, *self._held, *self._drain_waiting()], reason)
             self._active, self._cache, self._attn = [], None, None
 
     def _step(self, new: list[_Sequence]) -> None:
         """One scheduler step; a failure fails only the requests it touched."""
+        self._record_load()
         late = [s for s in self._active if not s.done and s.request.past_deadline()]
         self._fail(late, deadline_error("while it was generating"))
         self._drop_finished()
+        if new and self._adapters is not None:
+            new = self._admit_adapters(new)
         if new:
             try:
                 self._prefill(new)
@@ -414,6 +487,7 @@ class TransformersEngine(TokenizedEngine):
                 # (e.g. out of memory on a large image batch): only the new rows fail.
                 logger.exception("prefill failed; failing its %d new requests", len(new))
                 self._fail(new, e)
+            self._flush()  # first tokens out now, not after the decode step
         if self._active:
             try:
                 self._decode_step()
@@ -421,6 +495,28 @@ class TransformersEngine(TokenizedEngine):
                 logger.exception("decode step failed; failing the running batch")
                 self._fail(self._active, e)
                 self._active, self._cache, self._attn = [], None, None
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand the step's deltas to their event loops: one wake-up per loop and step
+        (``call_soon_threadsafe`` writes to the loop's self-pipe), not one per token."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sequence, Any]]] = {}
+        for seq, item in self._outbox:
+            by_loop.setdefault(seq.loop, []).append((seq, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                logger.warning("dropped %d outputs for a closed event loop", len(items))
+
+    def _record_load(self) -> None:
+        """The queue depth and running batch size gauges (one sample a step)."""
+        model = os.path.basename(str(self.model_name_or_path).rstrip("/"))
+        metrics.set_gauge(metrics.ENGINE_QUEUE_DEPTH, self._waiting.qsize(), model=model)
+        metrics.set_gauge(metrics.ENGINE_BATCH_SIZE, len(self._active), model=model)
 
     @staticmethod
     def _fail(seqs: list[_Sequence], e: BaseException) -> None:
@@ -443,7 +539,8 @@ class TransformersEngine(TokenizedEngine):
     def _take_new(self) -> list[_Sequence] | None:
         """New sequences to admit; blocks while idle. None means shut down."""
         room = self.max_batch_size - len(self._active)
-        new: list[_Sequence] = []
+        # Requests held back for an adapter (see _admit_adapters) come first.
+        new, self._held = self._held[:room], self._held[room:]
         block = not self._active
         while len(new) < room:
             try:
@@ -475,16 +572,22 @@ class TransformersEngine(TokenizedEngine):
         for s in new:
             s.inputs.extras = {}  # pixel values and the like are not needed after this
         cache = DynamicCache()
-        out = self.model(
-            input_ids=ids,
-            attention_mask=attn,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **extra,
-        )
+        masks = self.masker.start(_constrained(new))  # computed while the model runs
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=attn,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+                **self._adapter_kwargs(new),
+            )
+        except BaseException:
+            self.masker.settle(masks)
+            raise
         self.counters.prefill_batches += 1
-        self._sample(out.logits[:, -1, :].float(), new)
+        self._sample(out.logits[:, -1, :].float(), new, masks)
         keep = [i for i, s in enumerate(new) if not s.done]
         if not keep:
             return
@@ -530,19 +633,54 @@ class TransformersEngine(TokenizedEngine):
         attn = torch.cat(
             [self._attn, torch.ones((len(batch), 1), dtype=self._attn.dtype, device=self.device)], 1
         )
-        out = self.model(
-            input_ids=ids,
-            attention_mask=attn,
-            position_ids=positions,
-            past_key_values=self._cache,
-            use_cache=True,
-        )
+        masks = self.masker.start(_constrained(batch))  # computed while the model runs
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=attn,
+                position_ids=positions,
+                past_key_values=self._cache,
+                use_cache=True,
+                **self._adapter_kwargs(batch),
+            )
+        except BaseException:
+            self.masker.settle(masks)
+            raise
         self._attn = attn
         for s in batch:
             s.n_ctx += 1
         self.counters.decode_steps += 1
         self.counters.batch_sizes[len(batch)] += 1
-        self._sample(out.logits[:, -1, :].float(), batch)
+        self._sample(out.logits[:, -1, :].float(), batch, masks)
+
+    # ----------------------------------------------------------------- adapters
+    def _admit_adapters(self, new: list[_Sequence]) -> list[_Sequence]:
+        """The new rows whose adapter is (now) loaded; the others are held back until a
+        loaded adapter is free to make room (grouping instead of breaking the bound)."""
+        assert self._adapters is not None
+        in_use = {s.request.adapter for s in self._active if s.request.adapter is not None}
+        admitted: list[_Sequence] = []
+        for s in new:
+            if s.cancelled:
+                continue
+            if s.request.past_deadline():
+                self._fail([s], deadline_error("while it waited for its adapter to load"))
+                continue
+            name = s.request.adapter
+            if name is None or self._adapters.acquire(name, in_use):
+                admitted.append(s)
+                if name is not None:
+                    in_use.add(name)
+                    self._adapters.requests[name] += 1
+            else:
+                self._held.append(s)
+        return admitted
+
+    def _adapter_kwargs(self, seqs: list[_Sequence]) -> dict[str, Any]:
+        """``adapter_names`` (one per row) for a forward pass when the model has adapters."""
+        if self._adapters is None:
+            return {}
+        return {"adapter_names": self._adapters.row_names(s.request.adapter for s in seqs)}
 
     def _drop_finished(self) -> None:
         """Remove finished or cancelled rows from the batch and trim all-padding columns."""
@@ -574,20 +712,35 @@ class TransformersEngine(TokenizedEngine):
         self._active = [self._active[i] for i in keep]
 
     # ----------------------------------------------------------------- sampling
-    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> None:
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[_Sequence], masks: PendingMasks | None
+    ) -> None:
         """Mask, sample and advance every row. A row that fails (its grammar hit a limit,
         its numbers went bad) fails its own request only; the batch goes on."""
         import torch
 
+        # Logprobs come from the raw distribution, before anything below changes it.
+        wants = [i for i, s in enumerate(seqs) if s.request.sampling.logprobs is not None]
+        raw = torch.log_softmax(logits[wants], dim=-1) if wants else None
         for i, s in enumerate(seqs):
-            penalty = s.request.sampling.repetition_penalty
+            sp = s.request.sampling
+            penalty = sp.repetition_penalty
             if penalty != 1.0 and s.seen:
                 seen = torch.tensor(sorted(s.seen), dtype=torch.long, device=logits.device)
                 scores = logits[i].index_select(0, seen)
                 scores = torch.where(scores < 0, scores * penalty, scores / penalty)
                 logits[i].index_copy_(0, seen, scores)
-        constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
-        for i, error in self.masker.apply(logits, constrained):
+            if (sp.presence_penalty or sp.frequency_penalty) and s.counts:
+                ids = torch.tensor(list(s.counts), dtype=torch.long, device=logits.device)
+                counts = torch.tensor(
+                    list(s.counts.values()), dtype=logits.dtype, device=logits.device
+                )
+                logits[i].index_add_(0, ids, -(sp.presence_penalty + sp.frequency_penalty * counts))
+            if s.token_mask is not None:
+                width = min(logits.shape[1], s.token_mask.shape[0])
+                logits[i, :width].masked_fill_(~s.token_mask[:width], float("-inf"))
+                logits[i, width:] = float("-inf")
+        for i, error in self.masker.apply(logits, masks):
             self._fail([seqs[i]], error)
         live = [(i, s) for i, s in enumerate(seqs) if not s.done]
         if not live:
@@ -604,13 +757,17 @@ class TransformersEngine(TokenizedEngine):
                 self._sample_alone(rows[k : k + 1], p, u)
                 for k, (p, u) in enumerate(zip(params, uniforms, strict=True))
             ]
-        for (_, s), token in zip(live, tokens, strict=True):
+        for (i, s), token in zip(live, tokens, strict=True):
             if isinstance(token, BaseException):
                 self._fail([s], token)
             elif token is None:
                 self._fail([s], EngineError("the model produced no finite logit for this request"))
             else:
                 try:
+                    if raw is not None and s.request.sampling.logprobs is not None:
+                        s.unsent_logprobs.append(
+                            self._logprob(raw[wants.index(i)], token, s.request.sampling.logprobs)
+                        )
                     self._advance(s, token)
                 except Exception as e:
                     logger.exception("advancing one row failed; failing only its request")
@@ -625,6 +782,20 @@ class TransformersEngine(TokenizedEngine):
         except Exception as e:
             return e
 
+    def _logprob(self, row: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        def value(x: Any) -> float:
+            v = float(x)
+            return v if v > -9999.0 else -9999.0  # OpenAI's floor; JSON has no -inf
+
+        alternatives: tuple[tuple[str, float], ...] = ()
+        if top:
+            best = row.topk(top)
+            alternatives = tuple(
+                (self.token_text(int(t)), value(lp))
+                for lp, t in zip(best.values, best.indices, strict=True)
+            )
+        return TokenLogprob(self.token_text(token), value(row[token]), alternatives)
+
     def _advance(self, s: _Sequence, token: int) -> None:
         """Record one sampled token for ``s``, decide whether it is finished, emit a delta."""
         sp = s.request.sampling
@@ -632,6 +803,8 @@ class TransformersEngine(TokenizedEngine):
         s.unsent_ids.append(token)
         if sp.repetition_penalty != 1.0:
             s.seen.add(token)
+        if sp.presence_penalty or sp.frequency_penalty:
+            s.counts[token] += 1
         s.next_token = token
         self.counters.tokens_generated += 1
         finish: FinishReason | None = None
@@ -666,14 +839,19 @@ class TransformersEngine(TokenizedEngine):
         delta = s.text[s.sent_chars : upto]
         if delta or finish is not None:
             s.sent_chars = upto
-            s.emit(
-                GenerationOutput(
-                    text=delta,
-                    token_ids=s.unsent_ids,
-                    prompt_tokens=len(s.prompt_ids),
-                    completion_tokens=len(s.generated),
-                    finish_reason=finish,
-                    constraint_satisfied=satisfied,
+            self._outbox.append(
+                (
+                    s,
+                    GenerationOutput(
+                        text=delta,
+                        token_ids=s.unsent_ids,
+                        prompt_tokens=len(s.prompt_ids),
+                        completion_tokens=len(s.generated),
+                        finish_reason=finish,
+                        constraint_satisfied=satisfied,
+                        logprobs=s.unsent_logprobs if sp.logprobs is not None else None,
+                    ),
                 )
             )
             s.unsent_ids = []
+            s.unsent_logprobs = []

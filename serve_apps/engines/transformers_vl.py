@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from ..errors import InvalidRequestError
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..config import ModelConfig
+    from .adapters import AdapterSource
 
 
 class TransformersVLEngine(TransformersEngine):
@@ -56,7 +58,17 @@ class TransformersVLEngine(TransformersEngine):
         self._proc_lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: ModelConfig, model: str, *, placement_group: Any = None) -> Self:
+    def from_config(
+        cls,
+        config: ModelConfig,
+        model: str,
+        *,
+        placement_group: Any = None,
+        adapters: Mapping[str, AdapterSource] | None = None,
+    ) -> Self:
+        # ModelConfig refuses adapters on image-text models.
+        if adapters:
+            raise ValueError("adapters are not served on vision-language models")
         return cls(
             model,
             image_min_pixels=config.image_min_pixels,

@@ -20,7 +20,12 @@ module adapts it to :mod:`serve_apps.engines.base`:
   honestly: vLLM does not expose its matcher, so the finished token ids are replayed
   through our own matcher (microseconds per token);
 - closing the iterator (client disconnect) closes vLLM's generator, which aborts the
-  request in the engine core and frees its KV blocks.
+  request in the engine core and frees its KV blocks;
+- LoRA adapters (``ModelConfig.adapters``) map onto vLLM's own LoRA support: the engine
+  starts with ``enable_lora`` (``max_loras``: adapters in one batch on the GPU,
+  ``max_cpu_loras``: all of them kept in host memory), and a request for an adapter
+  carries its ``LoRARequest`` (a stable integer id per adapter, in config order);
+  :func:`lora_engine_args` and :func:`lora_request_args` are that mapping.
 
 vLLM is imported only when this engine starts, and only if the config selects it.
 """
@@ -30,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 from ..errors import (
@@ -41,12 +46,15 @@ from ..errors import (
     OverloadedError,
     ServeAppError,
 )
+from .adapters import unknown_adapter
 from .base import (
     Constraint,
     FinishReason,
     GenerationOutput,
     GenerationRequest,
     ModelInfo,
+    SamplingParams,
+    TokenLogprob,
     common_options,
     deadline_error,
     eos_token_ids,
@@ -58,6 +66,7 @@ if TYPE_CHECKING:
     import llguidance
 
     from ..config import ModelConfig
+    from .adapters import AdapterSource
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +98,43 @@ def _client_error(e: Exception, constraint: Constraint | None = None) -> ServeAp
     return InvalidRequestError(message, param=param)
 
 
+def _allowed_token_ids(
+    sp: SamplingParams, vocab_size: int, eos: tuple[int, ...]
+) -> list[int] | None:
+    """A token mask as vLLM's ``allowed_token_ids`` (it has no forbidden list): allowed
+    (or the whole vocabulary) minus forbidden, EOS kept so generation can end."""
+    if not sp.has_token_mask:
+        return None
+    allowed = set(range(vocab_size)) if sp.allowed_token_ids is None else set(sp.allowed_token_ids)
+    return sorted((allowed - sp.forbidden_token_ids) | set(eos))
+
+
+def _logprobs(
+    sampled: list[int], entries: Any, top: int, text: Callable[[int], str]
+) -> list[TokenLogprob]:
+    """vLLM's per-token ``{id: Logprob}`` dicts (the sampled id plus the ``top`` best,
+    each with its ``rank``) as the engine contract's entries."""
+    result: list[TokenLogprob] = []
+    for token, entry in zip(sampled, entries or (), strict=False):
+
+        def name(i: int, e: Any) -> str:
+            return e.decoded_token if e.decoded_token is not None else text(i)
+
+        chosen = entry[token]
+        best = sorted(
+            ((i, e) for i, e in entry.items() if e.rank is not None and e.rank <= top),
+            key=lambda ie: ie[1].rank,
+        )[:top]
+        result.append(
+            TokenLogprob(
+                name(token, chosen),
+                max(float(chosen.logprob), -9999.0),
+                tuple((name(i, e), max(float(e.logprob), -9999.0)) for i, e in best),
+            )
+        )
+    return result
+
+
 def _satisfied(
     matcher: llguidance.LLMatcher, token_ids: list[int], stopped_by_string: bool
 ) -> tuple[bool, bool]:
@@ -106,11 +152,68 @@ def _satisfied(
     return constraint_satisfied(matcher, stopped_by_string), matcher.is_stopped()
 
 
+def lora_engine_args(
+    adapters: Mapping[str, AdapterSource], max_loaded: int, max_rank: int
+) -> dict[str, Any]:
+    """vLLM engine args that serve ``adapters`` (none: LoRA stays off)."""
+    if not adapters:
+        return {}
+    return {
+        "enable_lora": True,
+        # Adapters in one batch (GPU slots); the others wait in host memory.
+        "max_loras": min(max_loaded, len(adapters)),
+        "max_cpu_loras": len(adapters),
+        "max_lora_rank": max_rank,
+    }
+
+
+def lora_request_args(adapters: Mapping[str, AdapterSource]) -> dict[str, dict[str, Any]]:
+    """Adapter name -> ``LoRARequest`` arguments: a stable id (1, 2, ... in config order;
+    vLLM keys its adapter cache by it) and the weights' path."""
+    return {
+        name: {"lora_name": name, "lora_int_id": i, "lora_path": source.path}
+        for i, (name, source) in enumerate(adapters.items(), start=1)
+    }
+
+
+def local_adapter_path(source: AdapterSource) -> str:
+    """A local directory for an adapter: its path, or its Hub id downloaded at ``revision``
+    (vLLM itself downloads Hub adapters without a revision)."""
+    if os.path.isdir(source.path):
+        return source.path
+    from huggingface_hub import snapshot_download
+
+    return str(snapshot_download(source.path, revision=source.revision))
+
+
+def _ray_stat_loggers() -> list[Any] | None:
+    """vLLM's own stats, where they reach the same exporter as ours: in a Ray Serve replica
+    (``serve_apps.metrics`` on its Ray backend), vLLM's ``RayPrometheusStatLogger`` records
+    them through Ray's metrics. Elsewhere they stay off (vLLM's default logger writes to
+    prometheus_client's global registry, which no ``/metrics`` of ours serves)."""
+    from .. import metrics
+
+    if metrics.exports_http():
+        return None
+    try:
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+    except ImportError:  # a vLLM without it: no stats rather than no engine
+        return None
+    return [RayPrometheusStatLogger]
+
+
 class VLLMEngine(TokenizedEngine):
     """A causal LM served by vLLM's ``AsyncLLM`` behind the engine contract."""
 
     @classmethod
-    def from_config(cls, config: ModelConfig, model: str, *, placement_group: Any = None) -> Self:
+    def from_config(
+        cls,
+        config: ModelConfig,
+        model: str,
+        *,
+        placement_group: Any = None,
+        adapters: Mapping[str, AdapterSource] | None = None,
+    ) -> Self:
         opts = config.vllm_options
         return cls(
             model,
@@ -121,6 +224,9 @@ class VLLMEngine(TokenizedEngine):
             quantization=opts.quantization,
             enforce_eager=opts.enforce_eager,
             placement_group=placement_group,
+            adapters=adapters,
+            max_loaded_adapters=config.max_loaded_adapters,
+            max_lora_rank=config.max_lora_rank,
         )
 
     def __init__(
@@ -140,8 +246,13 @@ class VLLMEngine(TokenizedEngine):
         quantization: str | None = None,
         enforce_eager: bool = False,
         placement_group: Any = None,
+        adapters: Mapping[str, AdapterSource] | None = None,
+        max_loaded_adapters: int = 4,
+        max_lora_rank: int = 16,
     ):
         super().__init__()
+        self.adapters = dict(adapters or {})
+        self._lora_requests: dict[str, Any] = {}  # name -> LoRARequest (made at start)
         self.model_name_or_path = model
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -168,6 +279,7 @@ class VLLMEngine(TokenizedEngine):
                 "disable_any_whitespace": not JSON_DEFAULTS["whitespace_flexible"],
             },
         }
+        engine_kwargs.update(lora_engine_args(self.adapters, max_loaded_adapters, max_lora_rank))
         if gpu_memory_utilization is not None:
             engine_kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if placement_group is not None and device != "cpu":
@@ -209,6 +321,12 @@ class VLLMEngine(TokenizedEngine):
             self._build, AsyncEngineArgs(**kwargs), UsageContext.ENGINE_CONTEXT, AsyncLLM
         )
         self._load_tokenizer_facts()
+        if self.adapters:
+            from vllm.lora.request import LoRARequest
+
+            for name, args in lora_request_args(self.adapters).items():
+                path = await asyncio.to_thread(local_adapter_path, self.adapters[name])
+                self._lora_requests[name] = LoRARequest(**{**args, "lora_path": path})
 
     def _build(self, args: Any, usage_context: Any, async_llm: Any) -> Any:
         vllm_config = args.create_engine_config(usage_context)
@@ -218,7 +336,10 @@ class VLLMEngine(TokenizedEngine):
             # (vllm-project/vllm#14705; the V1 Ray executor otherwise loses the group:
             # vllm-project/vllm#29688, ray-project/ray#59064).
             vllm_config.parallel_config.placement_group = self._placement_group
-        return async_llm.from_vllm_config(vllm_config, disable_log_stats=True)
+        stat_loggers = _ray_stat_loggers()
+        return async_llm.from_vllm_config(
+            vllm_config, stat_loggers=stat_loggers, disable_log_stats=stat_loggers is None
+        )
 
     def _load_tokenizer_facts(self) -> None:
         self.tokenizer = self._llm.get_tokenizer()
@@ -276,10 +397,15 @@ class VLLMEngine(TokenizedEngine):
         # Already tokenized: handed over as an engine input (vLLM 0.33 deprecates raw
         # prompts, token-id dicts included, in favour of rendered inputs like this one).
         stream = self._llm.generate(
-            tokens_input(prompt_ids, prompt=request.prompt), sampling, request.request_id
+            tokens_input(prompt_ids, prompt=request.prompt),
+            sampling,
+            request.request_id,
+            lora_request=self._lora_requests.get(request.adapter or ""),
         )
         generated: list[int] = []
         unsent: list[int] = []  # token ids whose text vLLM holds back (partial UTF-8, stops)
+        unsent_logprobs: list[TokenLogprob] = []
+        top = request.sampling.logprobs
         finished = False
         try:
             while True:
@@ -308,6 +434,8 @@ class VLLMEngine(TokenizedEngine):
                     finished = True
                     finish, satisfied = self._finish(completion, generated, matcher)
                 unsent.extend(new_ids)
+                if top is not None:
+                    unsent_logprobs += _logprobs(new_ids, completion.logprobs, top, self.token_text)
                 # Like the transformers engine: a delta only when there is text or an end,
                 # so a stream never carries empty chunks; held-back ids ride on the next one.
                 if completion.text or finish is not None:
@@ -318,8 +446,10 @@ class VLLMEngine(TokenizedEngine):
                         completion_tokens=len(generated),
                         finish_reason=finish,
                         constraint_satisfied=satisfied,
+                        logprobs=unsent_logprobs if top is not None else None,
                     )
                     unsent = []
+                    unsent_logprobs = []
                 if finish is not None:
                     return
             if not finished:
@@ -355,7 +485,9 @@ class VLLMEngine(TokenizedEngine):
 
     async def _prepare(self, request: GenerationRequest) -> tuple[list[int], Any, Any]:
         """Everything that can reject a request, done before it reaches vLLM."""
-        from vllm import SamplingParams
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise unknown_adapter(request.adapter, self.adapters)
+        from vllm import SamplingParams as VLLMSamplingParams
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
@@ -371,13 +503,19 @@ class VLLMEngine(TokenizedEngine):
         matcher = await self._check_prompt(request, prompt_ids)
         sp = request.sampling
         try:
-            sampling = SamplingParams(
+            sampling = VLLMSamplingParams(
                 max_tokens=sp.max_tokens,
                 temperature=sp.temperature,
                 top_p=sp.top_p,
                 stop=list(sp.stop) or None,
                 seed=sp.seed,
                 repetition_penalty=sp.repetition_penalty,
+                presence_penalty=sp.presence_penalty,
+                frequency_penalty=sp.frequency_penalty,
+                logprobs=sp.logprobs,
+                allowed_token_ids=_allowed_token_ids(
+                    sp, self.compiler.vocab_size, self.info().eos_token_ids
+                ),
                 skip_special_tokens=sp.skip_special_tokens,
                 output_kind=RequestOutputKind.DELTA,
                 structured_outputs=(

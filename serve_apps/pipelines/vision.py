@@ -75,6 +75,13 @@ async def _encode(sam: SegmenterClient, data: bytes) -> tuple[EncodeResult, floa
     return await _timed(sam.encode(data))
 
 
+def _service_times(timings: dict[str, float], stage: str, measured: dict[str, float]) -> None:
+    """The replica's own service time of ``stage`` (``serve_apps.service_time``), if sent."""
+    for key in ("service", "service_cpu"):
+        if key in measured:
+            timings[f"{stage}_{key}"] = measured[key]
+
+
 class VisionPipelines:
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
@@ -126,6 +133,7 @@ class VisionPipelines:
         result, timings["detect"] = await _timed(
             self._detect(detector, data, categories, req.task, req.max_tokens)
         )
+        _service_times(timings, "detect", result.timings_ms)
         visualization = None
         if req.visualize:
             overlay = Overlay()
@@ -199,6 +207,7 @@ class VisionPipelines:
                 result, timings["detect"] = await _timed(
                     self._detect(detector, data, categories, "detection", req.max_tokens)
                 )
+                _service_times(timings, "detect", result.timings_ms)
                 predictions = result.predictions
                 labelled = [
                     (category, _flat(shape))
@@ -249,6 +258,7 @@ class VisionPipelines:
             return [], None  # nothing to segment: the head-start encoding is abandoned
         seg: SegmentResult
         seg, timings["segment"] = await _timed(sam.segment(data, boxes))
+        _service_times(timings, "segment", seg.timings_ms)
         encode_ms = seg.timings_ms.get("encode", 0.0)
         if encode is not None:
             if encode.done() and not encode.cancelled() and encode.exception() is None:
@@ -297,6 +307,7 @@ class VisionPipelines:
                         detector, data, [p.text for p in usable], "detection", req.max_tokens
                     )
                 )
+                _service_times(timings, "detect", result.timings_ms)
                 notes += _boxes_by_phrase(result, by_phrase, self._max_boxes())
                 boxes = [box for p in found for box in by_phrase[p.text]]
                 masks, seg = await self._masks(sam, data, boxes, encode, timings)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import Any, ClassVar, TypeVar
 
 from ..config import ModelConfig, Settings
 from ..engines.base import (
@@ -16,8 +17,9 @@ from ..engines.base import (
     GenerationRequest,
     LLMEngine,
     SamplingParams,
+    TokenLogprob,
 )
-from ..errors import InvalidRequestError, UnsupportedError
+from ..errors import InvalidRequestError, ModelNotFoundError, UnsupportedError
 from ..schemas.common import Constraints, Usage
 from ..schemas.generate import GenerateMetadata, GenerateRequest, GenerateResponse
 from ..schemas.openai import (
@@ -27,18 +29,38 @@ from ..schemas.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChoiceLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    FunctionCall,
     SamplingFields,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
 )
+from ..schemas.openai import TokenLogprob as WireTokenLogprob
+from ..tools import parse_calls, tool_grammar, tool_prompt
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
 
 def _constraint(c: Constraints | None) -> Constraint | None:
-    return None if c is None else Constraint(kind=c.kind, spec=c.spec)
+    if c is None or c.kind is None:
+        return None
+    return Constraint(kind=c.kind, spec=c.spec)
+
+
+def _mask(c: Constraints | None) -> dict[str, Any]:
+    """A constraints' token mask as ``SamplingParams`` fields."""
+    if c is None:
+        return {}
+    allowed, forbidden = c.token_ids()
+    return {"allowed_token_ids": allowed, "forbidden_token_ids": forbidden}
 
 
 def _image_from_data_url(url: str) -> Any:
@@ -49,11 +71,141 @@ def _image_from_data_url(url: str) -> Any:
     return decode_image(image_bytes_from_field(url, max_bytes=1 << 30, param="image_url"))
 
 
-def _usage(out: GenerationOutput) -> Usage:
+def _usage(outs: Sequence[GenerationOutput]) -> Usage:
+    """One prompt, ``n`` completions; logged (counts and finish reasons, never text), with
+    the request's ID and key name (:func:`serve_apps.request_context.install_log_context`)."""
+    completion = sum(o.completion_tokens for o in outs)
+    logger.info(
+        "generation finished: %d prompt tokens, %d generated, %s",
+        outs[0].prompt_tokens,
+        completion,
+        ",".join(str(o.finish_reason) for o in outs),
+    )
     return Usage(
-        prompt_tokens=out.prompt_tokens,
-        completion_tokens=out.completion_tokens,
-        total_tokens=out.prompt_tokens + out.completion_tokens,
+        prompt_tokens=outs[0].prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=outs[0].prompt_tokens + completion,
+    )
+
+
+def _copies(gen: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """``n`` independent requests for one prompt (``n`` choices); a seed ``s`` gives the
+    copies seeds ``s, s+1, ...`` so the choices differ and each is reproducible."""
+    if n == 1:
+        return [gen]
+    seed = gen.sampling.seed
+
+    def seed_of(i: int) -> int | None:
+        if seed is None:
+            return None
+        return seed + i if seed + i < 2**63 else seed - i
+
+    return [
+        dataclasses.replace(
+            gen,
+            request_id=f"{gen.request_id}-{i}",
+            sampling=dataclasses.replace(gen.sampling, seed=seed_of(i)),
+        )
+        for i in range(n)
+    ]
+
+
+async def _all(coros: Sequence[Awaitable[T]]) -> list[T]:
+    """All results, or the first failure with the others cancelled."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _merge(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several streams as they come, each with its stream's index."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+            await queue.put((i, done))
+        except BaseException as e:  # handed to the consumer, which raises it
+            await queue.put((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            aclose = getattr(s, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def _wire_logprob(lp: TokenLogprob) -> WireTokenLogprob:
+    return WireTokenLogprob(
+        token=lp.token,
+        logprob=lp.logprob,
+        bytes=list(lp.token.encode()),
+        top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for t, v in lp.top],
+    )
+
+
+def _chat_logprobs(out: GenerationOutput) -> ChoiceLogprobs | None:
+    if out.logprobs is None:
+        return None
+    return ChoiceLogprobs(content=[_wire_logprob(lp) for lp in out.logprobs])
+
+
+def _completion_logprobs(out: GenerationOutput, offset: int = 0) -> CompletionLogprobs | None:
+    if out.logprobs is None:
+        return None
+    offsets: list[int] = []
+    for lp in out.logprobs:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return CompletionLogprobs(
+        tokens=[lp.token for lp in out.logprobs],
+        token_logprobs=[lp.logprob for lp in out.logprobs],
+        top_logprobs=[dict(lp.top) for lp in out.logprobs],
+        text_offset=offsets,
+    )
+
+
+def _tool_message(
+    out: GenerationOutput, tools_active: bool, call_id: str
+) -> tuple[AssistantMessage, str | None]:
+    """The assistant message of a finished output, and its finish reason."""
+    calls = parse_calls(out.text) if tools_active else None
+    if calls is None:
+        return AssistantMessage(content=out.text), out.finish_reason
+    return (
+        AssistantMessage(
+            content=None,
+            tool_calls=[
+                ToolCall(
+                    id=f"call_{call_id}_{i}",
+                    function=FunctionCall(name=c.name, arguments=c.arguments),
+                )
+                for i, c in enumerate(calls)
+            ],
+        ),
+        "tool_calls",
     )
 
 
@@ -85,11 +237,12 @@ class LLMServer:
         if self.engine is None:
             import asyncio
 
-            from ..engines import create_llm_engine, resolve_model
+            from ..engines import create_llm_engine, resolve_adapters, resolve_model
 
             model = await asyncio.to_thread(resolve_model, self.config, self._settings)
+            adapters = await asyncio.to_thread(resolve_adapters, self.config, self._settings)
             self.engine = create_llm_engine(
-                self.config, model, placement_group=self._placement_group
+                self.config, model, placement_group=self._placement_group, adapters=adapters
             )
         await self.engine.start()
         logger.info("%s ready", self.config.served_model_name)
@@ -111,6 +264,34 @@ class LLMServer:
         if self.engine is not None:
             await self.engine.shutdown()
 
+    # ------------------------------------------------------------- adapters
+    def _adapter(self, model: str | None) -> str | None:
+        """The adapter a request's ``model`` names (None: the base model)."""
+        if model is None or model == self.config.served_model_name:
+            return None
+        if self.config.adapter(model) is None:
+            raise ModelNotFoundError(
+                f"model {model!r} is not served by this service; it serves "
+                f"{self.config.served_names}",
+                param="model",
+            )
+        return model
+
+    def _model_name(self, model: str | None) -> str:
+        """The served name a response carries: the adapter's, or the base model's."""
+        return self._adapter(model) or self.config.served_model_name
+
+    async def hold_adapter(self, name: str) -> str:
+        """What Ray Serve's multiplexing calls when a replica first serves adapter ``name``:
+        checks the name (the engine loads the weights when a request first needs them, see
+        :mod:`serve_apps.engines.adapters`) and returns it."""
+        if self._adapter(name) is None:
+            raise ModelNotFoundError(f"{name!r} is not an adapter of this model", param="model")
+        logger.info(
+            "%s: adapter %s is now held by this replica", self.config.served_model_name, name
+        )
+        return name
+
     # ------------------------------------------------------------- requests
     def _sampling(self, req: SamplingFields, max_tokens: int | None) -> SamplingParams:
         return SamplingParams(
@@ -119,6 +300,10 @@ class LLMServer:
             top_p=req.top_p,
             stop=tuple(req.stop_list()),
             seed=req.seed,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logprobs=req.logprob_count(),
+            **_mask(req.constraints),
         )
 
     async def _chat_request(self, req: ChatCompletionRequest) -> GenerationRequest:
@@ -129,10 +314,20 @@ class LLMServer:
             )
         images: list[Any] = []
         messages: list[dict[str, Any]] = []
+        constraint = _constraint(req.effective_constraints())
+        if req.tools_active():
+            assert req.tools is not None
+            messages.append({"role": "system", "content": tool_prompt(req.tools)})
+            constraint = Constraint(kind="grammar", spec=tool_grammar(req))
         for m in req.messages:
             role = "system" if m.role == "developer" else m.role
             if not m.has_images():
-                messages.append({"role": role, "content": m.text()})
+                message: dict[str, Any] = {"role": role, "content": m.text()}
+                # A conversation's earlier calls and their results, for the template.
+                for key in ("tool_calls", "tool_call_id", "name"):
+                    if (m.model_extra or {}).get(key) is not None:
+                        message[key] = (m.model_extra or {})[key]
+                messages.append(message)
                 continue
             assert isinstance(m.content, list)
             parts: list[dict[str, Any]] = []
@@ -148,9 +343,10 @@ class LLMServer:
         return GenerationRequest(
             prompt=await asyncio.to_thread(self._render_chat, messages),
             sampling=self._sampling(req, req.requested_max_tokens()),
-            constraint=_constraint(req.effective_constraints()),
+            constraint=constraint,
             images=images,
             add_special_tokens=False,
+            adapter=self._adapter(req.model),
         )
 
     def _render_chat(self, messages: list[dict[str, Any]]) -> str:
@@ -171,101 +367,163 @@ class LLMServer:
             prompt=req.prompt_text(),
             sampling=self._sampling(req, req.requested_max_tokens()),
             constraint=_constraint(req.effective_constraints()),
+            adapter=self._adapter(req.model),
         )
 
     # --------------------------------------------------------------- OpenAI
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         gen = await self._chat_request(req)
-        out = await self._engine.generate_full(gen)
+        gens = _copies(gen, req.n)
+        outs = await _all([self._engine.generate_full(g) for g in gens])
+        choices = []
+        for i, out in enumerate(outs):
+            message, finish = _tool_message(out, req.tools_active(), gens[i].request_id)
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=message,
+                    finish_reason=finish,  # type: ignore[arg-type]
+                    logprobs=_chat_logprobs(out),
+                    constraint_satisfied=out.constraint_satisfied,
+                )
+            )
         return ChatCompletionResponse(
             id=f"chatcmpl-{gen.request_id}",
             created=int(time.time()),
-            model=self.config.served_model_name,
-            choices=[
-                ChatChoice(
-                    message=AssistantMessage(content=out.text),
-                    finish_reason=out.finish_reason,
-                    constraint_satisfied=out.constraint_satisfied,
-                )
-            ],
-            usage=_usage(out),
+            model=self._model_name(req.model),
+            choices=choices,
+            usage=_usage(outs),
         )
+
+    async def _started(self, gens: list[GenerationRequest]) -> list[AsyncIterator[Any]]:
+        """Each request's output stream with its first output already awaited, so that a
+        bad request (constraint, context length) fails the call, not a started stream."""
+        streams = [self._engine.generate(g) for g in gens]
+        try:
+            firsts = await _all([anext(s) for s in streams])
+        except BaseException:
+            for st in streams:
+                await st.aclose()  # type: ignore[attr-defined]
+            raise
+
+        async def prepend(first: GenerationOutput, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+            try:
+                yield first
+                async for out in rest:
+                    yield out
+            finally:
+                await rest.aclose()  # type: ignore[attr-defined]
+
+        return [prepend(f, st) for f, st in zip(firsts, streams, strict=True)]
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         gen = await self._chat_request(req)
+        gens = _copies(gen, req.n)
         created, rid = int(time.time()), f"chatcmpl-{gen.request_id}"
-        model = self.config.served_model_name
+        model = self._model_name(req.model)
 
-        def chunk(delta: DeltaMessage, out: GenerationOutput | None = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(
-                id=rid,
-                created=created,
-                model=model,
-                choices=[
-                    ChatChunkChoice(
-                        delta=delta,
-                        finish_reason=out.finish_reason if out else None,
-                        constraint_satisfied=out.constraint_satisfied if out else None,
-                    )
-                ],
-            )
+        def chunk(choice: ChatChunkChoice) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
-        outputs = self._engine.generate(gen)
-        # The first output is awaited before anything is yielded, so a bad request
-        # (constraint, context length) fails the call instead of a started stream.
-        last = await anext(outputs)
-        yield chunk(DeltaMessage(role="assistant", content=""))
-        yield chunk(DeltaMessage(content=last.text), last)
-        async for out in outputs:
-            last = out
-            yield chunk(DeltaMessage(content=out.text), out)
-        if req.stream_options and req.stream_options.include_usage:
-            yield ChatCompletionChunk(
-                id=rid, created=created, model=model, choices=[], usage=_usage(last)
-            )
-
-    def _completion(
-        self, rid: str, created: int, out: GenerationOutput, usage: Usage | None = None
-    ) -> CompletionResponse:
-        return CompletionResponse(
-            id=rid,
-            created=created,
-            model=self.config.served_model_name,
-            choices=[
-                CompletionChoice(
-                    text=out.text,
-                    finish_reason=out.finish_reason,
+        streams = await self._started(gens)
+        for i in range(len(gens)):
+            yield chunk(ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+        # With tools, an output that begins with "<" is a call (the grammar allows nothing
+        # else there): it is held until it is complete, then sent as one tool_calls delta.
+        held: dict[int, list[GenerationOutput]] = {}
+        finals: list[GenerationOutput | None] = [None] * len(gens)
+        async for i, out in _merge(streams):
+            if req.tools_active() and (i in held or out.text.startswith("<")):
+                held.setdefault(i, []).append(out)
+                if out.finish_reason is None:
+                    continue
+                whole = GenerationOutput.join(held.pop(i))
+                message, finish = _tool_message(whole, True, gens[i].request_id)
+                delta = DeltaMessage(
+                    content=message.content,
+                    tool_calls=[
+                        ToolCallDelta(index=k, id=c.id, type="function", function=c.function)
+                        for k, c in enumerate(message.tool_calls or [])
+                    ]
+                    or None,
+                )
+                out = dataclasses.replace(whole, finish_reason=out.finish_reason)
+            else:
+                delta, finish = DeltaMessage(content=out.text), out.finish_reason
+            if out.finish_reason is not None:
+                finals[i] = out
+            yield chunk(
+                ChatChunkChoice(
+                    index=i,
+                    delta=delta,
+                    finish_reason=finish,  # type: ignore[arg-type]
+                    logprobs=_chat_logprobs(out),
                     constraint_satisfied=out.constraint_satisfied,
                 )
-            ],
-            usage=usage,
-        )
+            )
+        if req.stream_options and req.stream_options.include_usage:
+            done = [f for f in finals if f is not None]
+            yield ChatCompletionChunk(
+                id=rid, created=created, model=model, choices=[], usage=_usage(done)
+            )
 
     async def completion(self, req: CompletionRequest) -> CompletionResponse:
         gen = self._completion_request(req)
-        out = await self._engine.generate_full(gen)
-        return self._completion(f"cmpl-{gen.request_id}", int(time.time()), out, _usage(out))
+        outs = await _all([self._engine.generate_full(g) for g in _copies(gen, req.n)])
+        return CompletionResponse(
+            id=f"cmpl-{gen.request_id}",
+            created=int(time.time()),
+            model=self._model_name(req.model),
+            choices=[
+                CompletionChoice(
+                    index=i,
+                    text=out.text,
+                    finish_reason=out.finish_reason,
+                    logprobs=_completion_logprobs(out),
+                    constraint_satisfied=out.constraint_satisfied,
+                )
+                for i, out in enumerate(outs)
+            ],
+            usage=_usage(outs),
+        )
 
     async def completion_stream(self, req: CompletionRequest) -> AsyncIterator[CompletionResponse]:
         gen = self._completion_request(req)
+        gens = _copies(gen, req.n)
         created, rid = int(time.time()), f"cmpl-{gen.request_id}"
-        last: GenerationOutput | None = None
-        async for out in self._engine.generate(gen):
-            last = out
-            yield self._completion(rid, created, out)
-        if last is not None and req.stream_options and req.stream_options.include_usage:
+        streams = await self._started(gens)
+        finals: list[GenerationOutput | None] = [None] * len(gens)
+        offsets = [0] * len(gens)
+        async for i, out in _merge(streams):
+            if out.finish_reason is not None:
+                finals[i] = out
             yield CompletionResponse(
                 id=rid,
                 created=created,
-                model=self.config.served_model_name,
+                model=self._model_name(req.model),
+                choices=[
+                    CompletionChoice(
+                        index=i,
+                        text=out.text,
+                        finish_reason=out.finish_reason,
+                        logprobs=_completion_logprobs(out, offsets[i]),
+                        constraint_satisfied=out.constraint_satisfied,
+                    )
+                ],
+            )
+            offsets[i] += sum(len(lp.token) for lp in out.logprobs or ())
+        if req.stream_options and req.stream_options.include_usage:
+            yield CompletionResponse(
+                id=rid,
+                created=created,
+                model=self._model_name(req.model),
                 choices=[],
-                usage=_usage(last),
+                usage=_usage([f for f in finals if f is not None]),
             )
 
     # ------------------------------------------------------------- codegen
     async def generate(self, req: GenerateRequest) -> GenerateResponse:
         constraint = _constraint(req.constraints)
-        assert constraint is not None
         gen = GenerationRequest(
             prompt=req.prompt,
             sampling=SamplingParams(
@@ -273,9 +531,11 @@ class LLMServer:
                 temperature=req.temperature,
                 top_p=req.top_p,
                 seed=req.seed,
+                **_mask(req.constraints),
             ),
             constraint=constraint,
             request_id=uuid.uuid4().hex,
+            adapter=self._adapter(req.model),
         )
         t0 = time.perf_counter()
         out = await self._engine.generate_full(gen)
@@ -285,11 +545,13 @@ class LLMServer:
             generated_text=out.text,
             tokens_generated=out.completion_tokens,
             generation_time_ms=round(seconds * 1000, 3),
-            constraint_satisfied=bool(out.constraint_satisfied),
+            # No grammar (free generation, or a token mask, which sampling always obeys):
+            # nothing the text could fail, so true.
+            constraint_satisfied=constraint is None or bool(out.constraint_satisfied),
             finish_reason=out.finish_reason,
             metadata=GenerateMetadata(
-                model=self.config.served_model_name,
-                constraint_type=constraint.kind,
+                model=self._model_name(req.model),
+                constraint_type=req.constraints.type_name if req.constraints else "none",
                 prompt_tokens=out.prompt_tokens,
                 tokens_per_sec=round(out.completion_tokens / seconds, 2) if seconds > 0 else 0.0,
             ),

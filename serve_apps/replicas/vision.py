@@ -29,6 +29,7 @@ from ..schemas.vision import (
     SegmentResult,
     Shape,
 )
+from ..service_time import ServiceClock
 from ..timing import elapsed_ms
 from ..vision_checks import check_caption, validate_categories
 from .llm import LLMServer
@@ -56,6 +57,7 @@ class DetectorServer(LLMServer):
         from ..images import decode_image
 
         t_start = time.perf_counter()
+        clock = ServiceClock()
         cfg = self.config
         info = self._engine.info()
         if not info.supports_images:
@@ -99,6 +101,7 @@ class DetectorServer(LLMServer):
         parsed = detection.parse_prediction(out.text, width, height)
         predictions = detection.predictions_for_task(parsed, call.task, categories)
         assert out.finish_reason is not None
+        timings.update(clock.timings())
         return DetectResult(
             model=cfg.served_model_name,
             image_size=(width, height),
@@ -129,6 +132,13 @@ class SegmenterServer:
         from ..engines.segmenter import Segmenter
 
         checkpoint = self.config.checkpoint
+        if checkpoint is not None and self._settings.offline_models:
+            from ..provision import Checkpoint, model_assets
+            from ..provision import checkpoint as provisioned
+
+            for asset in model_assets(self.config):  # an official checkpoint: prefetched
+                if isinstance(asset, Checkpoint):
+                    checkpoint = str(provisioned(asset, self._settings))
         if checkpoint is None:
             from ..engines.smoke import smoke_sam_checkpoint
 
@@ -164,6 +174,7 @@ class SegmenterServer:
         )
 
     async def segment(self, image: bytes, boxes: list[list[float]]) -> SegmentResult:
+        clock = ServiceClock()
         out = await self.segmenter.segment(image, boxes)
         return SegmentResult(
             image_size=out.image_size,
@@ -172,7 +183,7 @@ class SegmenterServer:
                 for r in out.results
             ],
             cache_hit=out.cache_hit,
-            timings_ms=out.timings_ms,
+            timings_ms={**out.timings_ms, **clock.timings()},
         )
 
     async def stats(self) -> dict[str, Any]:

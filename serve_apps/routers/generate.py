@@ -10,7 +10,8 @@ from ..schemas.generate import GenerateRequest, GenerateResponse
 
 async def generate(ctx: AppContext, req: GenerateRequest) -> GenerateResponse:
     ctx.args.limits.check_max_tokens(req.max_tokens)
-    _, client = ctx.model_client(req.model, CODEGEN)
+    key, client = ctx.model_client(req.model, CODEGEN)
+    await ctx.reserve_tokens(key, [req.prompt], req.max_tokens)
     return await client.generate(req)
 
 

@@ -1,6 +1,11 @@
 """The OpenAI-compatible API: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
 
-Requests are routed by their ``model`` field (a service's ``served_model_name``). Chat
+Requests are routed by their ``model`` field (a service's ``served_model_name``, or the
+name of one of its LoRA adapters, which the same service serves). Every
+OpenAI parameter is either served (``n``, ``logprobs``/``top_logprobs``, the penalties,
+``stream_options``, ``response_format``, ``tools``/``tool_choice``: see
+:mod:`serve_apps.tools`) or, when set, a 400 naming it
+(:data:`serve_apps.schemas.openai.UNSUPPORTED_PARAMS`); unknown fields are tolerated. Chat
 messages with images go only to image-text models; the ingress fetches and checks every
 image first (:func:`serve_apps.pipelines.vision.resolve_chat_images`), so a model server
 only ever sees ``data:`` URLs within the limits.
@@ -28,10 +33,12 @@ from .streaming import sse_response
 
 
 def list_models(ctx: AppContext, created: int) -> ModelList:
-    """One card per LLM-style service: its name, service, and what model it is."""
+    """One card per LLM-style service (its name, service, and what model it is), then one
+    per adapter of it (served by the same service)."""
     specs = {s.key: s for s, _ in ctx.args.enabled()}
-    return ModelList(
-        data=[
+    cards: list[ModelCard] = []
+    for key, cfg in ctx.args.model_configs().items():
+        cards.append(
             ModelCard(
                 id=cfg.served_model_name,
                 created=created,
@@ -40,14 +47,26 @@ def list_models(ctx: AppContext, created: int) -> ModelList:
                 description=f"{specs[key].description}; "
                 + (cfg.smoke_description if cfg.is_smoke else f"model {cfg.model}"),
             )
-            for key, cfg in ctx.args.model_configs().items()
+        )
+        cards += [
+            ModelCard(
+                id=adapter.name,
+                created=created,
+                service=key,
+                smoke=adapter.is_smoke,
+                description=f"{specs[key].description} with an adapter of "
+                f"{cfg.served_model_name}; {adapter.description}",
+            )
+            for adapter in cfg.adapters
         ]
-    )
+    return ModelList(data=cards)
 
 
 async def chat_completions(ctx: AppContext, req: ChatCompletionRequest) -> Any:
+    req.check_supported()
     ctx.args.limits.check_max_tokens(req.requested_max_tokens())
     key, client = ctx.model_client(req.model, LLM)
+    await ctx.reserve_tokens(key, [m.text() for m in req.messages], req.requested_max_tokens())
     if any(m.has_images() for m in req.messages):
         if ctx.args.model_configs()[key].modality != "image-text":
             raise UnsupportedError(f"model {req.model} does not take images", param="messages")
@@ -59,8 +78,10 @@ async def chat_completions(ctx: AppContext, req: ChatCompletionRequest) -> Any:
 
 
 async def completions(ctx: AppContext, req: CompletionRequest) -> Any:
+    req.check_supported()
     ctx.args.limits.check_max_tokens(req.requested_max_tokens())
-    _, client = ctx.model_client(req.model, LLM)
+    key, client = ctx.model_client(req.model, LLM)
+    await ctx.reserve_tokens(key, [req.prompt_text()], req.requested_max_tokens())
     if req.stream:
         return await sse_response(client.completion_stream(req))
     return await client.completion(req)

@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from ..errors import ServeAppError, error_body, unwrap
+from ..request_context import current
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ async def sse_response(stream: AsyncIterator[Any]) -> StreamingResponse:
             err = unwrap(e)
             if not isinstance(err, ServeAppError):
                 logger.exception("stream failed", exc_info=err)
-            yield _sse(error_body(err))
+            meta = current()
+            yield _sse(error_body(err, meta.request_id if meta else None))
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .. import constraint_limits
+from .. import constraint_limits, grammars
 
 logger = logging.getLogger(__name__)
 
@@ -37,46 +37,105 @@ ConstraintKind = Literal["json_schema", "regex", "grammar"]
 # A sampling seed: a signed 64-bit integer, what torch.Generator and vLLM accept.
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
+MAX_REGEX_PATTERNS = 64
+MAX_MASK_TOKENS = 1 << 18
+TokenId = Annotated[int, Field(ge=0)]
+
+
+class TokenMask(StrictModel):
+    """Token ids the model may sample (None: any) and ids it may never sample. Checked
+    against the model's vocabulary by the engine; EOS stays allowed so generation ends."""
+
+    allowed_tokens: list[TokenId] | None = Field(
+        default=None, min_length=1, max_length=MAX_MASK_TOKENS
+    )
+    forbidden_tokens: list[TokenId] = Field(default_factory=list, max_length=MAX_MASK_TOKENS)
+
 
 class Constraints(StrictModel):
-    """Exactly one of a JSON schema, a regular expression or a grammar.
+    """At most one of a JSON schema, a regular expression, a list of regular expressions
+    or a grammar, and optionally a token mask; none at all is free generation.
 
-    ``grammar`` is a Lark grammar in llguidance's dialect (GBNF is converted too); the
-    generated text is guaranteed to match it when generation finishes on its own.
+    ``grammar`` is Lark (llguidance's dialect), GBNF, or EBNF with single-quoted literals
+    (:mod:`serve_apps.grammars`); ``regex_patterns``: the output matches one of them. The
+    generated text is guaranteed to match when generation finishes on its own.
     """
 
     json_schema: dict[str, Any] | None = None
     regex: str | None = Field(default=None, min_length=1)
+    regex_patterns: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_REGEX_PATTERNS
+    )
     grammar: str | None = Field(default=None, min_length=1)
+    token_mask: TokenMask | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> Constraints:
-        given = [k for k in ("json_schema", "regex", "grammar") if getattr(self, k) is not None]
-        if len(given) != 1:
+    def _at_most_one(self) -> Constraints:
+        given = [
+            k
+            for k in ("json_schema", "regex", "regex_patterns", "grammar")
+            if getattr(self, k) is not None
+        ]
+        if len(given) > 1:
             raise ValueError(
-                "constraints needs exactly one of json_schema, regex, grammar "
-                f"(got {', '.join(given) or 'none'})"
+                "constraints takes at most one of json_schema, regex, regex_patterns, grammar "
+                f"(got {', '.join(given)})"
             )
         # What would cost the compiler too much is refused here, before any model sees it.
         if self.json_schema is not None:
             constraint_limits.check_json_schema(self.json_schema)
         elif self.regex is not None:
             constraint_limits.check_regex(self.regex, "regex")
+        elif self.regex_patterns is not None:
+            for i, pattern in enumerate(self.regex_patterns):
+                constraint_limits.check_regex(pattern, f"regex_patterns[{i}]")
+            constraint_limits.check_regex(self._alternation(), "regex_patterns")
         elif self.grammar is not None:
             constraint_limits.check_grammar(self.grammar)
+            grammars.normalize(self.grammar)  # a ::= grammar must read and be complete
         return self
 
+    def _alternation(self) -> str:
+        assert self.regex_patterns is not None
+        return "|".join(f"(?:{p})" for p in self.regex_patterns)
+
     @property
-    def kind(self) -> ConstraintKind:
+    def kind(self) -> ConstraintKind | None:
+        """What the output is compiled against; None: no grammar (a token mask at most)."""
         if self.json_schema is not None:
             return "json_schema"
-        return "regex" if self.regex is not None else "grammar"
+        if self.regex is not None or self.regex_patterns is not None:
+            return "regex"
+        return "grammar" if self.grammar is not None else None
+
+    @property
+    def type_name(self) -> str:
+        """The constraint as the client named it (``constraint_type`` in responses)."""
+        for k in ("json_schema", "regex", "regex_patterns", "grammar", "token_mask"):
+            if getattr(self, k) is not None:
+                return k
+        return "none"
 
     @property
     def spec(self) -> str | dict[str, Any]:
-        value = getattr(self, self.kind)
-        assert value is not None
-        return value
+        """The compiler's input: a schema, a regex (patterns as one alternation) or a
+        grammar in Lark or GBNF."""
+        if self.json_schema is not None:
+            return self.json_schema
+        if self.regex is not None:
+            return self.regex
+        if self.regex_patterns is not None:
+            return self._alternation()
+        assert self.grammar is not None
+        return grammars.normalize(self.grammar)
+
+    def token_ids(self) -> tuple[frozenset[int] | None, frozenset[int]]:
+        """(allowed, forbidden) token ids of the token mask."""
+        m = self.token_mask
+        if m is None:
+            return None, frozenset()
+        allowed = frozenset(m.allowed_tokens) if m.allowed_tokens is not None else None
+        return allowed, frozenset(m.forbidden_tokens)
 
 
 class ErrorDetail(BaseModel):
@@ -84,6 +143,9 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None
     code: str | None
+    request_id: str | None = Field(
+        default=None, description="the request's x-request-id, to quote in a support request"
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -98,4 +160,4 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "abort", "error"]

@@ -11,7 +11,9 @@ from .common import Constraints, FinishReason, Seed, StrictModel
 
 class GenerateRequest(StrictModel):
     prompt: str = Field(min_length=1)
-    constraints: Constraints
+    constraints: Constraints | None = Field(
+        default=None, description="none (or {}): free generation"
+    )
     model: str | None = Field(default=None, description="defaults to the codegen model")
     max_tokens: int | None = Field(default=None, ge=1, description="default: the model's")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)

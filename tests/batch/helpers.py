@@ -16,6 +16,7 @@ VOLATILE = {
     "tokens_per_sec",
     "generation_time",
     "inference_time",
+    "request_id",  # an error envelope names its request (a batch line's: <batch id>-<line>)
 }
 
 

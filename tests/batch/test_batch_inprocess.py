@@ -14,7 +14,7 @@ import pytest
 from serve_apps.batch.webhooks import SIGNATURE_HEADER, check_url, verify
 from serve_apps.errors import InvalidRequestError
 from tests.batch.helpers import chat_line, ended, results, stable, submit, wait_for
-from tests.conftest import CONTRACT_ARGS
+from tests.conftest import CONTRACT_ARGS, CONTRACT_HEADERS
 
 SECRET = "test-secret"
 
@@ -29,6 +29,10 @@ async def api(tmp_path_factory):
         "llm": CONTRACT_ARGS["llm"],
         "codegen": CONTRACT_ARGS["codegen"],
         "limits": CONTRACT_ARGS["limits"],
+        # The front door is on, as in production: clients send a key; the runner's own
+        # in-process calls to the app bypass it (serve_apps.batch.runner).
+        "auth": CONTRACT_ARGS["auth"],
+        "rate_limits": CONTRACT_ARGS["rate_limits"],
         "detector": None,
         "sam": None,
         "grounder": None,
@@ -47,7 +51,10 @@ async def api(tmp_path_factory):
         await server.start()
     app = create_app(args, {k: LocalHandle(v) for k, v in servers.items()})
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://app", timeout=120
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://app",
+        timeout=120,
+        headers=CONTRACT_HEADERS,
     ) as client:
         yield client
     for server in reversed(servers.values()):
@@ -97,6 +104,8 @@ async def test_a_mixed_batch_answers_like_http_and_counts_exactly(api):
         assert stable(answer["response"]["body"]) == stable(interactive.json()), line
     (bad,) = [o for o in out if o["custom_id"] == "bad"]
     assert bad["error"]["code"] == "invalid_value" and bad["response"]["status_code"] == 400
+    # The envelope names the line's request ID, the one the output line carries.
+    assert bad["response"]["body"]["error"]["request_id"] == bad["response"]["request_id"]
     r = await api.get(f"/v1/files/{batch['error_file_id']}/content")
     assert [json.loads(x)["custom_id"] for x in r.text.splitlines()] == ["bad"]
 

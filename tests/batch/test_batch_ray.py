@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.batch.helpers import chat_line, ended, jsonl, results, stable, submit, wait_for
-from tests.conftest import CONTRACT_ARGS
+from tests.conftest import CONTRACT_ARGS, CONTRACT_HEADERS, CONTRACT_KEYS
 from tests.helpers import b64, scene_png
 
 pytestmark = pytest.mark.ray
@@ -62,8 +62,10 @@ def batch_url(ray_serve_url, batch_store):
 
 @pytest.fixture
 async def api(batch_url):
-    async with httpx.AsyncClient(base_url=batch_url, timeout=120) as client:
-        yield client
+    """A client with the contract's API key: auth is on in this app (CONTRACT_ARGS), while
+    the runner's own in-process calls bypass the front door (serve_apps.batch.runner)."""
+    async with httpx.AsyncClient(base_url=batch_url, timeout=120, headers=CONTRACT_HEADERS) as c:
+        yield c
 
 
 async def runner_stats() -> dict:
@@ -166,12 +168,18 @@ async def test_a_private_webhook_url_is_refused(api):
     assert r.status_code == 400 and r.json()["error"]["code"] == "webhook_url_not_allowed"
 
 
+async def test_the_batch_routes_need_an_api_key(batch_url):
+    async with httpx.AsyncClient(base_url=batch_url, timeout=60) as anonymous:
+        r = await anonymous.get("/v1/batches")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
 def test_the_official_openai_client(batch_url, tmp_path):
     import time
 
     import openai
 
-    client = openai.OpenAI(base_url=batch_url + "/v1", api_key="unused")
+    client = openai.OpenAI(base_url=batch_url + "/v1", api_key=CONTRACT_KEYS["contract"])
     path = tmp_path / "input.jsonl"
     path.write_bytes(jsonl([chat_line("x", "hi"), chat_line("y", "there")]))
     with path.open("rb") as f:
@@ -225,7 +233,7 @@ def test_the_cli_submits_follows_and_fetches(batch_url, tmp_path):
         check=True,
     )
     assert "3 lines" in made.stdout
-    server = ["--base-url", batch_url]
+    server = ["--base-url", batch_url, "--api-key", CONTRACT_KEYS["contract"]]
     submitted = subprocess.run(
         [
             *cli,

@@ -188,3 +188,13 @@ def test_cli_exit_codes(tmp_path):
     out = subprocess.run([*run, str(bad)], capture_output=True, text=True)
     assert out.returncode == 1
     assert "num_replica" in out.stdout and "suggestion: num_replicas" in out.stdout
+
+
+def test_gpu_deployments_with_auth_off_warn_and_auth_on_does_not():
+    off = only(lint_text(config(PINNED)), "warning")
+    assert [f.path for f in off if "auth" in f.path] == ["applications[0].args.auth"]
+    assert "GPUs" in next(f.reason for f in off if "auth" in f.path)
+    on = lint_text(config(PINNED, args="{auth: {enabled: true}}"))
+    assert not [f for f in on if "auth" in f.path]
+    cpu_only = config("- name: Ingress\n  ray_actor_options: {num_cpus: 1}\n")
+    assert not [f for f in lint_text(cpu_only) if "auth" in f.path]

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import CONTRACT_ARGS, VLLM_CONTRACT_ARGS
+from tests.conftest import CONTRACT_ARGS, CONTRACT_HEADERS, VLLM_CONTRACT_ARGS
 
 DEFAULT_TARGETS = "inprocess,ray,modal"
 TARGETS = [t for t in os.environ.get("CONTRACT_TARGETS", DEFAULT_TARGETS).split(",") if t]
@@ -37,11 +37,14 @@ async def _inprocess_app(raw_args):
 
 
 class ContractClient(httpx.AsyncClient):
-    """An httpx client for one target; ``args`` are the ``AppArgs`` the target serves."""
+    """An httpx client for one target; ``args`` are the ``AppArgs`` the target serves. It
+    sends the contract's API key (auth is on in the contract app); ``transport`` is kept
+    for other clients of the same target (the ``openai`` client)."""
 
     def __init__(self, args: dict[str, Any], **kwargs: Any):
-        super().__init__(timeout=120, **kwargs)
+        super().__init__(timeout=120, headers=CONTRACT_HEADERS, **kwargs)
         self.args = args
+        self.transport_given = kwargs.get("transport")
 
 
 @pytest.fixture(scope="session", params=PARAMS)
@@ -66,12 +69,8 @@ async def api(request):
         transport = httpx.ASGITransport(app=module.Ingress().web.local())
         async with ContractClient(args, transport=transport, base_url="http://modal") as c:
             yield c
-        from modal_adapter.runtime import ServerHost
-
-        for _, host in module.SERVICES.values():
-            server = ServerHost._servers.pop(host, None)
-            if server is not None:
-                await server.shutdown()
+        for _, host in module.CLASSES.values():
+            await host.shutdown_all()
     else:
         raise pytest.UsageError(f"unknown contract target {request.param!r}")
 

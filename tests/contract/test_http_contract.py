@@ -16,6 +16,7 @@ import pytest
 from tests.helpers import assert_envelope, sse_events
 
 LLM, CODEGEN, DETECTOR = "smoke-llm", "smoke-codegen", "smoke-detector"
+LORA = "smoke-llm-lora"  # the llm service's smoke adapter
 
 SCHEMA = {
     "type": "object",
@@ -35,7 +36,16 @@ def chat(model=LLM, content="Say something.", **kw):
 
 # ------------------------------------------------------------------ discovery
 def served_models(args) -> set[str]:
-    return {args[s]["served_model_name"] for s in ("llm", "codegen", "detector") if args.get(s)}
+    return {
+        name
+        for s in ("llm", "codegen", "detector")
+        if args.get(s)
+        for name in [args[s]["served_model_name"], *(a["name"] for a in adapters(args, s))]
+    }
+
+
+def adapters(args, service="llm") -> list[dict]:
+    return (args.get(service) or {}).get("adapters") or []
 
 
 async def test_health(api):
@@ -58,6 +68,35 @@ async def test_models_list_every_model_service_and_say_they_are_smoke_models(api
     for card in cards.values():
         assert card["object"] == "model" and card["smoke"] is True
         assert "random weights" in card["description"]
+
+
+async def test_an_adapter_is_a_model_of_its_own_on_every_route(api):
+    assert [a["name"] for a in adapters(api.args)] == [LORA]
+    cards = {m["id"]: m for m in (await api.get("/v1/models")).json()["data"]}
+    assert cards[LORA]["service"] == "llm" and cards[LORA]["smoke"] is True
+    assert "LoRA" in cards[LORA]["description"]
+    body = {"prompt": "the cat sat on", "max_tokens": 12, "temperature": 0}
+    texts = {}
+    for model in (LLM, LORA):
+        r = await api.post("/v1/completions", json={**body, "model": model})
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == model
+        texts[model] = r.json()["choices"][0]["text"]
+    assert texts[LLM] != texts[LORA], "the adapter changed nothing"
+    r = await api.post("/v1/chat/completions", json=chat(model=LORA, max_tokens=6, temperature=0))
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == LORA
+    r = await api.post(
+        "/v1/chat/completions", json=chat(model=LORA, max_tokens=6, temperature=0, stream=True)
+    )
+    assert {c["model"] for c in sse_events(r.text)[:-1]} == {LORA}
+    r = await api.post(
+        "/v1/generate", json={"model": LORA, "prompt": "x", "constraints": {"regex": "[ab]{3}"}}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["metadata"]["model"] == LORA and re.fullmatch(
+        "[ab]{3}", r.json()["generated_text"]
+    )
 
 
 # ------------------------------------------------------------------ chat

@@ -73,7 +73,9 @@ async def test_detect_returns_boxes_of_the_asked_categories(api):
     assert body["finish_reason"] in ("stop", "length")
     assert 0 < body["num_output_tokens"] <= 40 and body["num_prompt_tokens"] > 0
     assert body["inference_time"] >= body["generation_time"] > 0
-    assert {"decode", "detect", "total"} <= set(body["timings_ms"])
+    assert {"decode", "detect", "detect_service", "detect_service_cpu", "total"} <= set(
+        body["timings_ms"]
+    )
     assert body["visualization"] is None
 
 
@@ -116,7 +118,9 @@ async def test_segment_boxes_gives_one_mask_per_box_inside_the_image(api):
         assert 0 <= res["area"] <= W * H
         for polygon in res["polygons"]:
             assert len(polygon) >= 6 and len(polygon) % 2 == 0 and inside(polygon)
-    assert {"decode", "segment", "encode", "decode_masks", "total"} <= set(body["timings_ms"])
+    assert {"decode", "segment", "segment_service", "encode", "decode_masks", "total"} <= set(
+        body["timings_ms"]
+    )
     again = (await api.post("/v1/segment", json={"image": b64(IMAGE), "boxes": boxes[:1]})).json()
     assert again["embedding_cache_hit"] is True  # the encoder ran once for this image
     first, alone = body["sam_results"][0], again["sam_results"][0]

@@ -14,12 +14,15 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from tests.conftest import CONTRACT_HEADERS
+
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="session")
 def served_schema(ray_serve_url):
-    return schemathesis.openapi.from_url(f"{ray_serve_url}/openapi.json")
+    # The contract app has auth on: the schema and every case carry its key.
+    return schemathesis.openapi.from_url(f"{ray_serve_url}/openapi.json", headers=CONTRACT_HEADERS)
 
 
 schema = schemathesis.pytest.from_fixture("served_schema")
@@ -34,6 +37,7 @@ schema = schemathesis.pytest.from_fixture("served_schema")
 )
 def test_no_generated_request_gets_a_server_error(case):
     case.call_and_validate(
+        headers=CONTRACT_HEADERS,
         checks=[
             not_a_server_error,
             status_code_conformance,

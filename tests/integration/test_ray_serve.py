@@ -9,6 +9,8 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import CONTRACT_HEADERS
+
 pytestmark = pytest.mark.ray
 
 
@@ -26,7 +28,9 @@ async def test_concurrent_http_requests_are_batched_in_the_replica(ray_serve_url
         "max_tokens": 24,
         "temperature": 0,
     }
-    async with httpx.AsyncClient(base_url=ray_serve_url, timeout=120) as c:
+    async with httpx.AsyncClient(
+        base_url=ray_serve_url, timeout=120, headers=CONTRACT_HEADERS
+    ) as c:
         rs = await asyncio.gather(*(c.post("/v1/chat/completions", json=body) for _ in range(8)))
     assert all(r.status_code == 200 for r in rs)
     after = await llm_stats()
@@ -40,7 +44,7 @@ async def test_client_disconnect_stops_generation_on_the_replica(ray_serve_url):
     before = (await llm_stats())["tokens_generated"]
     body = {"model": "smoke-llm", "prompt": "go", "max_tokens": 500, "stream": True}
     async with (
-        httpx.AsyncClient(base_url=ray_serve_url, timeout=60) as c,
+        httpx.AsyncClient(base_url=ray_serve_url, timeout=60, headers=CONTRACT_HEADERS) as c,
         c.stream("POST", "/v1/completions", json=body) as r,
     ):
         async for line in r.aiter_lines():

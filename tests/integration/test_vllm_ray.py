@@ -13,6 +13,8 @@ import time
 import httpx
 import pytest
 
+from tests.conftest import CONTRACT_HEADERS
+
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 
 
@@ -42,7 +44,9 @@ async def test_concurrent_http_requests_share_the_engine(vllm_ray_serve_url):
             await asyncio.sleep(0.01)
 
     watcher = asyncio.create_task(watch())
-    async with httpx.AsyncClient(base_url=vllm_ray_serve_url, timeout=120) as c:
+    async with httpx.AsyncClient(
+        base_url=vllm_ray_serve_url, timeout=120, headers=CONTRACT_HEADERS
+    ) as c:
         rs = await asyncio.gather(*(c.post("/v1/completions", json=body) for _ in range(8)))
     watcher.cancel()
     assert [r.status_code for r in rs] == [200] * 8

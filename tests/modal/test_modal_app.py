@@ -32,21 +32,42 @@ def prod_app():
 
 
 def serve_config_expectations(path):
-    """Per deployment, what the mapping should give, read straight from the YAML."""
+    """Per Modal class, what the mapping should give, read straight from the YAML: a
+    deployment's own settings, then its `args.modal.classes` override, then the packed
+    groups (fractions of one GPU type adding up to at most 1) merged."""
     app = yaml.safe_load(path.read_text())["applications"][0]
+    overrides = ((app.get("args") or {}).get("modal") or {}).get("classes") or {}
     expected = {}
+    fractions: dict[str, list[tuple[str, float]]] = {}
     for d in app["deployments"]:
         options, scaling = d.get("ray_actor_options", {}), d.get("autoscaling_config", {})
         gpus = options.get("num_gpus", 0)
         gpu = (
             pool_for(options["accelerator_type"]).modal_gpu_spec(math.ceil(gpus)) if gpus else None
         )
+        o = overrides.get(d["name"], {})
         expected[d["name"]] = {
             "gpus": [] if gpu is None else [gpu] if isinstance(gpu, str) else gpu,
-            "containers": (scaling["min_replicas"], scaling["max_replicas"]),
+            "containers": (
+                o.get("min_containers", scaling["min_replicas"]),
+                o.get("max_containers", scaling["max_replicas"]),
+            ),
             "inputs": (d["max_ongoing_requests"], scaling["target_ongoing_requests"]),
-            "scaledown": scaling.get("downscale_delay_s", 600),  # Serve's default
+            "scaledown": o.get("scaledown_window", scaling.get("downscale_delay_s", 600)),
             "cpu": options.get("num_cpus"),
+        }
+        if 0 < gpus < 1:
+            fractions.setdefault(options["accelerator_type"], []).append((d["name"], gpus))
+    for members in fractions.values():
+        if len(members) < 2 or sum(g for _, g in members) > 1:
+            continue
+        parts = [expected.pop(name) for name, _ in members]
+        expected["".join(name for name, _ in members)] = {
+            "gpus": parts[0]["gpus"],
+            "containers": tuple(max(p["containers"][i] for p in parts) for i in (0, 1)),
+            "inputs": tuple(sum(p["inputs"][i] for p in parts) for i in (0, 1)),
+            "scaledown": max(p["scaledown"] for p in parts),
+            "cpu": sum(p["cpu"] for p in parts),
         }
     return expected
 
@@ -86,17 +107,71 @@ def test_every_deployment_is_a_class_with_the_options_the_serve_config_says(prod
         assert cells["cpu"] == want["cpu"], name
 
 
-def test_model_classes_mount_the_model_cache_and_get_the_token_the_ingress_does_not(prod_app):
+def test_prod_packs_detector_and_sam_and_scales_the_gpu_classes_to_zero(prod_app):
+    by_name = {c.name: c for c in prod_app.PLAN.deployments}
+    assert [s.name for s in by_name["DetectorSAM"].servers] == ["Detector", "SAM"]
+    assert "Detector" not in by_name and "SAM" not in by_name
+    for name in ("LLM", "Codegen", "DetectorSAM"):
+        assert by_name[name].min_containers == 0 and by_name[name].scaledown_window == 300
+    # The ingress reaches each service through the packed class, by deployment name.
+    assert prod_app.SERVICES["detector"][2] == "Detector"
+    assert prod_app.SERVICES["sam"][2] == "SAM"
+    assert prod_app.SERVICES["sam"][0] is prod_app.SERVICES["detector"][0]
+
+
+def test_packing_and_overrides_are_settings(tmp_path):
+    config = yaml.safe_load(PROD.read_text())
+    args = config["applications"][0]["args"]
+    args["modal"] = {"pack_fractional_gpus": False, "classes": {"Grounder": {"min_containers": 0}}}
+    plan = planning.make_plan(config, "prod", "x", "test")
+    names = [c.name for c in plan.deployments]
+    assert names == ["LLM", "Codegen", "Detector", "SAM", "Grounder", "BatchRunner"]
+    assert plan.deployments[4].min_containers == 0
+    assert plan.deployments[0].min_containers == 1  # no override: Serve's min_replicas
+    # dev and demo are presets: the overrides are for prod.
+    assert planning.make_plan(config, "demo", "x", "test").deployments[4].min_containers == 1
+    # Fractions that do not fit one GPU are not packed.
+    deployments = config["applications"][0]["deployments"]
+    for d in deployments:
+        if d["name"] == "SAM":
+            d["ray_actor_options"]["num_gpus"] = 0.6
+    args["modal"] = {}
+    plan = planning.make_plan(config, "prod", "x", "test")
+    assert "DetectorSAM" not in [c.name for c in plan.deployments]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"classes": {"SMA": {}}}, "modal.classes: no deployment named \\['SMA'\\]"),
+        ({"classes": {"LLM": {"scaledown_window": 1}}}, "greater than or equal to 2"),
+        ({"classes": {"LLM": {"min_containers": 5}}}, "min_containers 5 > max 3"),
+        ({"classes": {"LLM": {"warm": 1}}}, "warm"),
+    ],
+)
+def test_bad_overrides_are_plan_errors(override, message):
+    config = yaml.safe_load(PROD.read_text())
+    config["applications"][0]["args"]["modal"] = override
+    with pytest.raises(planning.PlanError, match=message):
+        planning.make_plan(config, "prod", "x", "test")
+
+
+def test_model_classes_mount_the_model_cache_and_get_the_token_the_ingress_the_api_keys(
+    prod_app,
+):
     for plan in prod_app.PLAN.deployments:
         info = getattr(prod_app, plan.name)._get_class_service_function().info()
         assert set(info.volumes) == {MODEL_CACHE_MOUNT}
         assert info.volumes[MODEL_CACHE_MOUNT].name == "serve-apps-model-cache"
-        assert len(info.secrets) == 1 and "hf-token" in info.secrets[0]
+        assert (
+            info.secrets == []
+        )  # they load from the volume: no token (tests/modal/test_modal_deploy.py)
         assert info.method_names == ["call", "stream"]
     ingress = prod_app.Ingress._get_class_service_function().info()
-    # The ingress gets no token; it mounts the cache only for the batch store (batch is on).
+    # auth is on in the production config: the ingress (only) gets the API keys' secret;
+    # it mounts the cache for the batch store (batch is on), never the HF token.
     assert prod_app.GRAPH_SERVICES and set(ingress.volumes) == {MODEL_CACHE_MOUNT}
-    assert ingress.secrets == []
+    assert len(ingress.secrets) == 1 and "serve-apps-api-keys" in ingress.secrets[0]
     assert list(ingress.method_details) == ["web"]
 
 

@@ -17,7 +17,7 @@ from serve_apps.errors import (
 
 
 class Host(ServerHost):
-    DEPLOYMENT = "LLM"
+    SERVERS = {"LLM": {}}
 
 
 def fake_modal_class(*outcomes, stream_items=("a", "b")):
@@ -59,7 +59,7 @@ def fake_modal_class(*outcomes, stream_items=("a", "b")):
 
 async def test_a_call_lost_in_modal_is_retried_once():
     cls, calls = fake_modal_class(modal.exception.InternalFailure("worker lost"), "answer")
-    assert await ModalHandle(cls, Host, local=False).call("chat", 1) == "answer"
+    assert await ModalHandle(cls, Host, "LLM", local=False).call("chat", 1) == "answer"
     assert len(calls) == 2
 
 
@@ -67,7 +67,7 @@ async def test_a_second_loss_is_a_503_with_retry_after():
     lost = modal.exception.ConnectionError("no route")
     cls, calls = fake_modal_class(lost, lost, "never")
     with pytest.raises(UnavailableError) as info:
-        await ModalHandle(cls, Host, local=False).call("chat", 1)
+        await ModalHandle(cls, Host, "LLM", local=False).call("chat", 1)
     assert len(calls) == 2 and "LLM container" in info.value.message
     assert error_headers(info.value) == {"Retry-After": "5"}
 
@@ -83,11 +83,11 @@ async def test_a_second_loss_is_a_503_with_retry_after():
 async def test_other_failures_are_not_retried_and_map_to_the_envelope(raised, expected):
     cls, calls = fake_modal_class(raised, "never")
     with pytest.raises(expected):
-        await ModalHandle(cls, Host, local=False).call("chat", 1)
+        await ModalHandle(cls, Host, "LLM", local=False).call("chat", 1)
     assert len(calls) == 1
 
 
 async def test_a_stream_is_retried_only_before_its_first_item():
     cls, calls = fake_modal_class(modal.exception.InternalFailure("lost"), "ok")
-    items = [x async for x in ModalHandle(cls, Host, local=False).stream("chat_stream", 1)]
+    items = [x async for x in ModalHandle(cls, Host, "LLM", local=False).stream("chat_stream", 1)]
     assert items == ["a", "b"] and len(calls) == 2

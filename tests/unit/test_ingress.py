@@ -99,7 +99,7 @@ async def test_generate_defaults_to_the_codegen_model_and_reports_the_constraint
         ),
         ({"json": chat(temperature="hot")}, 400, "invalid_value", "temperature"),
         ({"json": {"model": "fake-llm"}}, 400, "invalid_value", "messages"),
-        ({"json": chat(n=2)}, 400, "invalid_value", "n"),
+        ({"json": chat(n=9)}, 400, "invalid_value", "n"),
         ({"json": chat(max_tokens=101)}, 400, "context_length_exceeded", "max_tokens"),
         ({"json": chat(model="gpt-9")}, 404, "model_not_found", "model"),
         ({"json": chat(constraints={"regex": "(unclosed"})}, 400, "invalid_constraint", "regex"),
@@ -128,13 +128,24 @@ async def test_bad_chat_requests_get_the_envelope(client, request_kwargs, status
     assert (await client.post("/v1/chat/completions", json=chat())).status_code == 200
 
 
-async def test_generate_rejects_unknown_fields_and_missing_constraints(client):
+async def test_generate_rejects_unknown_fields_and_two_constraints(client):
     r = await client.post(
         "/v1/generate", json={"prompt": "p", "constraints": {"regex": "a"}, "max_token": 3}
     )
     assert assert_envelope(r, 400, "invalid_value")["param"] == "max_token"
-    r = await client.post("/v1/generate", json={"prompt": "p", "constraints": {}})
-    assert "exactly one" in assert_envelope(r, 400, "invalid_value")["message"]
+    r = await client.post(
+        "/v1/generate", json={"prompt": "p", "constraints": {"regex": "a", "grammar": "start: A"}}
+    )
+    assert "at most one" in assert_envelope(r, 400, "invalid_value")["message"]
+
+
+@pytest.mark.parametrize("body", [{"prompt": "p"}, {"prompt": "p", "constraints": {}}])
+async def test_generate_without_constraints_is_free_generation(client, body):
+    r = await client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["metadata"]["constraint_type"] == "none"
+    assert out["constraint_satisfied"] is True  # nothing the text could fail
 
 
 async def test_oversize_bodies_are_413_whether_declared_or_streamed(client):

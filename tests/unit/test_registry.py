@@ -22,7 +22,8 @@ from tests.helpers import assert_envelope
 
 
 def test_app_args_has_one_field_per_service_and_the_shared_sections():
-    assert set(AppArgs.model_fields) == {s.key for s in SERVICES} | {"limits", "images"}
+    shared = {"limits", "images", "modal", "compat", "auth", "rate_limits"}
+    assert set(AppArgs.model_fields) == {s.key for s in SERVICES} | shared
     for s in SERVICES:
         field = AppArgs.model_fields[s.key]
         assert field.description == s.description
@@ -53,8 +54,8 @@ def test_every_router_path_of_the_registry_builds_a_router():
     ctx = AppContext.from_handles(args, {k: LocalHandle(v) for k, v in servers.items()})
     routers = ctx.routers()
     assert all(isinstance(r, APIRouter) for r in routers)
-    # health, openai, generate, vision: each family mounted once
-    assert len(routers) == 4
+    # health, compat, openai, generate, vision: each family mounted once
+    assert len(routers) == 5
 
 
 def test_an_unknown_service_key_is_an_error_that_names_it():

@@ -6,12 +6,17 @@ from serve_apps.schemas.generate import GenerateRequest
 from serve_apps.schemas.openai import ChatCompletionRequest, CompletionRequest
 
 
-def test_constraints_take_exactly_one_kind():
+def test_constraints_take_at_most_one_kind():
     assert Constraints(regex="a+").kind == "regex"
-    with pytest.raises(ValidationError, match="exactly one"):
+    with pytest.raises(ValidationError, match="at most one"):
         Constraints(regex="a", grammar="start: 'a'")
-    with pytest.raises(ValidationError, match="exactly one"):
-        Constraints()
+    with pytest.raises(ValidationError, match="at most one"):
+        Constraints(regex_patterns=["a"], json_schema={})
+    # Nothing (free generation) and a token mask alone compile to no grammar.
+    assert Constraints().kind is None and Constraints().type_name == "none"
+    masked = Constraints(token_mask={"allowed_tokens": [1, 2], "forbidden_tokens": [2]})
+    assert masked.kind is None and masked.type_name == "token_mask"
+    assert masked.token_ids() == (frozenset({1, 2}), frozenset({2}))
 
 
 def test_openai_requests_tolerate_unknown_fields():

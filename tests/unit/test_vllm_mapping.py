@@ -91,3 +91,99 @@ def test_output_cut_by_a_stop_string_is_not_vouched_for(compiler, ids):
 
 def test_a_token_the_grammar_rejects_is_never_vouched_for(compiler, ids):
     assert _satisfied(compiler.matcher(REGEX), ids("abz"), False) == (False, False)
+
+
+# ------------------------------------------------------------------ LoRA adapters
+def test_adapters_map_to_vllm_lora_engine_args_and_stable_request_ids(tmp_path):
+    from serve_apps.config import AdapterConfig, ModelConfig
+    from serve_apps.engines.adapters import AdapterSource
+    from serve_apps.engines.vllm_llm import (
+        VLLMEngine,
+        local_adapter_path,
+        lora_engine_args,
+        lora_request_args,
+    )
+
+    local = tmp_path / "lora"
+    local.mkdir()
+    adapters = {
+        "a": AdapterSource("a", str(local)),
+        "b": AdapterSource("b", "org/lora-b", revision="v2"),
+        "c": AdapterSource("c", "org/lora-c"),
+    }
+    assert lora_engine_args({}, 4, 16) == {}
+    assert lora_engine_args(adapters, 2, 32) == {
+        "enable_lora": True,
+        "max_loras": 2,
+        "max_cpu_loras": 3,
+        "max_lora_rank": 32,
+    }
+    # Fewer adapters than slots: vLLM reserves no more GPU slots than adapters exist.
+    assert lora_engine_args(adapters, 8, 16)["max_loras"] == 3
+    assert lora_request_args(adapters) == {
+        "a": {"lora_name": "a", "lora_int_id": 1, "lora_path": str(local)},
+        "b": {"lora_name": "b", "lora_int_id": 2, "lora_path": "org/lora-b"},
+        "c": {"lora_name": "c", "lora_int_id": 3, "lora_path": "org/lora-c"},
+    }
+    assert local_adapter_path(adapters["a"]) == str(local)
+
+    config = ModelConfig(
+        served_model_name="m",
+        model="org/base",
+        backend="vllm",
+        adapters=[AdapterConfig(name="a", path=str(local))],
+        max_loaded_adapters=3,
+        max_lora_rank=64,
+    )
+    engine = VLLMEngine.from_config(config, "org/base", adapters={"a": adapters["a"]})
+    assert engine.engine_args["enable_lora"] is True
+    assert engine.engine_args["max_loras"] == 1 and engine.engine_args["max_lora_rank"] == 64
+    plain = VLLMEngine.from_config(config.model_copy(update={"adapters": []}), "org/base")
+    assert "enable_lora" not in plain.engine_args
+
+
+async def test_vllm_engine_refuses_an_unknown_adapter_before_vllm_sees_it(tmp_path):
+    from serve_apps.engines.adapters import AdapterSource
+    from serve_apps.engines.base import GenerationRequest, SamplingParams
+    from serve_apps.engines.vllm_llm import VLLMEngine
+    from serve_apps.errors import ModelNotFoundError
+
+    engine = VLLMEngine("org/base", adapters={"a": AdapterSource("a", str(tmp_path))})
+    request = GenerationRequest("x", SamplingParams(max_tokens=1), adapter="nope")
+    with pytest.raises(ModelNotFoundError):
+        await engine._prepare(request)
+
+
+def test_a_token_mask_maps_to_allowed_token_ids_with_eos_kept():
+    from serve_apps.engines.base import SamplingParams
+    from serve_apps.engines.vllm_llm import _allowed_token_ids
+
+    def sp(**kw):
+        return SamplingParams(max_tokens=4, **kw)
+
+    assert _allowed_token_ids(sp(), 10, (9,)) is None
+    assert _allowed_token_ids(sp(allowed_token_ids=frozenset({1, 2, 3})), 10, (9,)) == [1, 2, 3, 9]
+    forbidden = sp(forbidden_token_ids=frozenset({0, 4, 9}))
+    assert _allowed_token_ids(forbidden, 6, (9,)) == [1, 2, 3, 5, 9]
+
+
+class FakeLogprob:
+    """Shaped like vllm.logprobs.Logprob."""
+
+    def __init__(self, logprob, rank, decoded_token):
+        self.logprob, self.rank, self.decoded_token = logprob, rank, decoded_token
+
+
+def test_vllm_logprobs_map_to_the_sampled_token_and_ranked_alternatives():
+    from serve_apps.engines.vllm_llm import _logprobs
+
+    entries = [
+        # The sampled token (rank 3) comes first, then the top 2 by rank.
+        {7: FakeLogprob(-2.5, 3, "c"), 1: FakeLogprob(-0.1, 1, "a"), 2: FakeLogprob(-1.0, 2, None)},
+        {1: FakeLogprob(float("-inf"), 1, "a")},
+    ]
+    out = _logprobs([7, 1], entries, 2, lambda i: f"<{i}>")
+    assert out[0].token == "c" and out[0].logprob == -2.5
+    assert out[0].top == (("a", -0.1), ("<2>", -1.0))
+    assert out[1].logprob == -9999.0  # JSON has no -inf
+    assert _logprobs([1], entries[1:], 0, str)[0].top == ()
