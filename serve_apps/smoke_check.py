@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import io
 import struct
 import sys
 import time
+import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +26,7 @@ from typing import Any
 
 import httpx
 
-Body = dict[str, Any] | None
+Body = dict[str, Any] | bytes | None  # JSON, or a zip upload (application/zip)
 Cards = dict[str, str]  # service -> served model name
 
 
@@ -54,6 +56,14 @@ def tiny_png(width: int = 64, height: int = 48) -> bytes:
 IMAGE = base64.b64encode(tiny_png()).decode()
 
 
+def frames_zip() -> bytes:
+    """A zip of one frame, as Cogniverse uploads them."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("frames/frame_000.png", tiny_png())
+    return buffer.getvalue()
+
+
 def _chat(cards: Cards) -> Body:
     messages = [{"role": "user", "content": "Say hello."}]
     return {"model": cards.get("llm"), "messages": messages, "max_tokens": 8}
@@ -77,6 +87,24 @@ REQUESTS: dict[tuple[str, str], Callable[[Cards], Body]] = {
     ("POST", "/v1/detect"): lambda cards: {"image": IMAGE, "categories": ["square"]},
     ("POST", "/v1/segment"): lambda cards: {"image": IMAGE, "boxes": [[16, 12, 48, 36]]},
     ("POST", "/v1/ground"): lambda cards: {"image": IMAGE, "caption": "a dark square"},
+    ("GET", "/metrics"): lambda cards: None,
+    # The seeds' routes (serve_apps.routers.compat), as their clients send them.
+    ("POST", "/rex_inference"): lambda cards: {
+        "image": IMAGE,
+        "task": "detection",
+        "categories": ["square"],
+    },
+    ("POST", "/api_sam"): lambda cards: {"image": IMAGE, "categories": ["square"]},
+    ("POST", "/api_grounding"): lambda cards: {"image": IMAGE, "caption": "a dark square"},
+    ("POST", "/generate_api"): lambda cards: {
+        "prompt": "A number:",
+        "constraints": {"regex_patterns": ["[0-9]{1,3}"]},
+        "max_tokens": 8,
+    },
+    ("POST", "/generate_description"): lambda cards: {"frame_base64": IMAGE, "prompt": "Describe."},
+    ("POST", "/upload_and_process_frames"): lambda cards: frames_zip(),
+    ("POST", "/extract_from_url"): lambda cards: {"image": IMAGE},
+    ("POST", "/extract_text"): lambda cards: {"image": IMAGE},
 }
 SKIPPED_PATHS = {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 
@@ -109,7 +137,12 @@ async def _call(client: httpx.AsyncClient, method: str, path: str, cards: Cards)
         return Row(method, path, None, False, 0.0, "no smoke request for this route")
     started = time.perf_counter()
     try:
-        response = await client.request(method, path, json=make(cards))
+        body = make(cards)
+        if isinstance(body, bytes):
+            headers = {"content-type": "application/zip"}
+            response = await client.request(method, path, content=body, headers=headers)
+        else:
+            response = await client.request(method, path, json=body)
     except httpx.HTTPError as e:
         return Row(method, path, None, False, time.perf_counter() - started, repr(e)[:120])
     seconds = time.perf_counter() - started

@@ -224,7 +224,12 @@ class Compat:
         prompt = request.query_params.get("prompt") or DEFAULT_DESCRIBE_PROMPT
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=4)
+            try:
+                form = await request.form(max_files=1, max_fields=4)
+            except Exception as e:  # no boundary, a broken part: the body is the client's
+                raise InvalidRequestError(
+                    f"the multipart body cannot be read: {e or type(e).__name__}", param="file"
+                ) from e
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise InvalidRequestError(

@@ -10,6 +10,8 @@ import jsonschema
 import openai
 import pytest
 
+from tests.conftest import CONTRACT_KEYS
+
 LLM = "smoke-llm"
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER_SCHEMA = {
@@ -53,7 +55,9 @@ def oai(api):
     # The contract target's own HTTP client (in-process, real HTTP or Modal) under the
     # official client; not closed here: the session fixture owns it.
     return openai.AsyncOpenAI(
-        base_url=str(api.base_url).rstrip("/") + "/v1", api_key="unused", http_client=api
+        base_url=str(api.base_url).rstrip("/") + "/v1",
+        api_key=CONTRACT_KEYS["contract"],
+        http_client=api,
     )
 
 

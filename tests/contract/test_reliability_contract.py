@@ -115,7 +115,8 @@ async def test_a_streamed_request_past_its_deadline_ends_with_an_error_event(api
     async with api.stream(
         "POST",
         "/v1/chat/completions",
-        json=chat(max_tokens=500, stream=True),
+        # A constraint that cannot end early: the random model cannot sample EOS first.
+        json=chat(max_tokens=500, stream=True, constraints={"regex": "[a-z]{400}"}),
         headers={"x-request-timeout": "0.05"},
     ) as r:
         text = (await r.aread()).decode()

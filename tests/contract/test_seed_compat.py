@@ -282,3 +282,12 @@ async def test_extraction_errors_say_success_false(vision):
     r = await vision.post("/extract_from_url", json={"image_url": "ftp://example.com/doc.png"})
     assert r.status_code == 400 and r.json()["success"] is False
     assert "error" in r.json()
+
+
+async def test_a_multipart_body_without_a_boundary_is_a_400(vision):
+    """Found by the schemathesis run (tests/integration/test_fuzz.py): it was a 500."""
+    r = await vision.post(
+        "/upload_and_process_frames", content=b"", headers={"content-type": "multipart/form-data"}
+    )
+    assert_envelope(r, 400, success=True)
+    assert r.json()["success"] is False

@@ -156,7 +156,12 @@ def test_the_documented_modal_install_imports_and_builds_the_app_in_a_fresh_venv
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["app"] == "serve-apps"
-    assert set(result["classes"]) == {"Ingress", "LLM", "Codegen", "Detector", "SAM", "Grounder"}
+    # The classes the default plan makes (Detector and SAM may share one: packing).
+    from modal_adapter.plan import plan_from_settings
+
+    expected = {c.name for c in plan_from_settings().classes}
+    assert "Ingress" in expected and "LLM" in expected
+    assert set(result["classes"]) == expected
     assert result["runnable"] == [True, True]
     # Nothing the containers would lack: the import itself needs no model library.
     freeze = subprocess.run(

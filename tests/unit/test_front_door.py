@@ -256,11 +256,12 @@ async def test_metrics_move_by_exactly_the_requests_made(monkeypatch):
 
 
 async def test_time_to_first_token_is_observed_for_streams():
-    before = scrape(metrics.render()[0].decode(), "serve_apps_time_to_first_token_seconds_count")
+    name = "serve_apps_time_to_first_token_seconds_count"
+    before = scrape(metrics.render()[0].decode(), name, model="fake-llm")
     async with await make_client(app_args()) as c:
         r = await c.post("/v1/chat/completions", json=chat(stream=True))
         assert r.status_code == 200
-    after = scrape(metrics.render()[0].decode(), "serve_apps_time_to_first_token_seconds_count")
+    after = scrape(metrics.render()[0].decode(), name, model="fake-llm")
     assert after - before == 1
 
 
