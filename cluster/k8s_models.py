@@ -131,6 +131,7 @@ class PersistentVolumeClaim(K8sModel):
 
 class JobSpec(K8sModel):
     backoff_limit: int
+    active_deadline_seconds: int | None = None
     ttl_seconds_after_finished: int | None = None
     template: PodTemplateSpec
 
@@ -140,6 +141,26 @@ class Job(K8sModel):
     kind: Literal["Job"] = "Job"
     metadata: ObjectMeta
     spec: JobSpec
+
+
+class JobTemplateSpec(K8sModel):
+    spec: JobSpec
+
+
+class CronJobSpec(K8sModel):
+    schedule: str
+    concurrency_policy: Literal["Allow", "Forbid", "Replace"]
+    starting_deadline_seconds: int | None = None
+    successful_jobs_history_limit: int | None = None
+    failed_jobs_history_limit: int | None = None
+    job_template: JobTemplateSpec
+
+
+class CronJob(K8sModel):
+    api_version: Literal["batch/v1"] = "batch/v1"
+    kind: Literal["CronJob"] = "CronJob"
+    metadata: ObjectMeta
+    spec: CronJobSpec
 
 
 # --- ray.io/v1 (KubeRay v1.7.0) -----------------------------------------------------

@@ -38,11 +38,14 @@ from .k8s_models import (
     ConfigMapGenerator,
     Container,
     ContainerPort,
+    CronJob,
+    CronJobSpec,
     EnvVar,
     EnvVarSource,
     HeadGroupSpec,
     Job,
     JobSpec,
+    JobTemplateSpec,
     Kustomization,
     KustomizeComponent,
     KustomizePatch,
@@ -133,6 +136,11 @@ HF_TOKEN_KEY = "HF_TOKEN"
 API_KEYS_SECRET = "serve-apps-api-keys"
 API_KEYS_VOLUME = "api-keys"
 API_KEYS_MOUNT = "/etc/serve-apps/api-keys"
+# The scheduled batch submits through the front door like any client, with a key of its
+# own (a line `batch-cron=sk-...` in the keys above, its value in this Secret):
+#   kubectl create secret generic serve-apps-batch-key --from-literal=OPENAI_API_KEY=sk-...
+BATCH_KEY_SECRET = "serve-apps-batch-key"
+BATCH_KEY_ENV = "OPENAI_API_KEY"  # what `serve-apps batch` reads its --api-key from
 
 # Ray's metrics endpoint on every pod (KubeRay's default metrics-export-port), which the
 # PodMonitor scrapes: Ray's own metrics, Serve's, and ours (serve_apps.metrics).
@@ -569,6 +577,75 @@ class _Dumper(yaml.SafeDumper):
     pass
 
 
+# The scheduled batch: every day at 02:00 (the cluster's time zone), the images put in the
+# inbox folder on the model-cache volume become one batch, submitted to the RayService's
+# serve Service; the runner deployment does the work, the Job only submits.
+BATCH_SCHEDULE = "0 2 * * *"
+BATCH_INBOX = f"{MODEL_CACHE_MOUNT}/batch-inbox"
+BATCH_SUBMIT = (
+    "set -eu; day=$(date +%Y-%m-%d); "
+    f"serve-apps batch images {BATCH_INBOX} -o /tmp/input.jsonl "
+    "--endpoint /v1/detect --categories text && "
+    "serve-apps batch submit /tmp/input.jsonl --endpoint /v1/detect "
+    f'--metadata schedule=daily --metadata day="$day" --base-url http://{NAME}-serve-svc:{SERVE_PORT}'
+)
+
+
+def batch_cronjob() -> CronJob:
+    """A CronJob that submits the inbox as a batch on a schedule (``BATCH_SCHEDULE``)."""
+    return CronJob(
+        metadata=ObjectMeta(name=f"{NAME}-batch-daily", labels={"app": NAME}),
+        spec=CronJobSpec(
+            schedule=BATCH_SCHEDULE,
+            concurrency_policy="Forbid",
+            starting_deadline_seconds=3600,
+            successful_jobs_history_limit=3,
+            failed_jobs_history_limit=3,
+            job_template=JobTemplateSpec(
+                spec=JobSpec(
+                    backoff_limit=2,
+                    active_deadline_seconds=1800,
+                    template=PodTemplateSpec(
+                        spec=PodSpec(
+                            restart_policy="Never",
+                            containers=[
+                                Container(
+                                    name="submit",
+                                    image=image(),
+                                    image_pull_policy="IfNotPresent",
+                                    command=["sh", "-c", BATCH_SUBMIT],
+                                    env=[
+                                        EnvVar(
+                                            name=BATCH_KEY_ENV,
+                                            value_from=EnvVarSource(
+                                                secret_key_ref=SecretKeySelector(
+                                                    name=BATCH_KEY_SECRET,
+                                                    key=BATCH_KEY_ENV,
+                                                    optional=True,
+                                                )
+                                            ),
+                                        )
+                                    ],
+                                    resources=ResourceRequirements(
+                                        requests={"cpu": "250m", "memory": "512Mi"},
+                                        limits={"cpu": "1", "memory": "2Gi"},
+                                    ),
+                                    volume_mounts=[
+                                        VolumeMount(
+                                            name=MODEL_CACHE_PVC, mount_path=MODEL_CACHE_MOUNT
+                                        )
+                                    ],
+                                )
+                            ],
+                            volumes=[_model_cache_volume()],
+                        )
+                    ),
+                )
+            ),
+        ),
+    )
+
+
 def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
     style = "|" if "\n" in value else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
@@ -593,13 +670,19 @@ def render_tree(config_path: Path = PROD_CONFIG) -> dict[str, str]:
     files = {
         "base/kustomization.yaml": to_yaml(
             Kustomization(
-                resources=["rayservice.yaml", "model-cache-pvc.yaml", "prefetch-job.yaml"]
+                resources=[
+                    "rayservice.yaml",
+                    "model-cache-pvc.yaml",
+                    "prefetch-job.yaml",
+                    "batch-cronjob.yaml",
+                ]
             ).dump(),
             header=HEADER,
         ),
         "base/prefetch-job.yaml": to_yaml(prefetch_job(config).dump(), header=HEADER),
         "base/rayservice.yaml": to_yaml(base, header=HEADER),
         "base/model-cache-pvc.yaml": to_yaml(model_cache_pvc(None).dump(), header=HEADER),
+        "base/batch-cronjob.yaml": to_yaml(batch_cronjob().dump(), header=HEADER),
     }
     for cloud, overlay in OVERLAYS.items():
         full = render_rayservice(config, cloud).rayservice.dump()

@@ -77,18 +77,19 @@ ingress_secrets = [modal.Secret.from_name(name) for name in PLAN.ingress_secrets
 
 
 def _register(
-    plan: ClassPlan, base: type, attrs: dict[str, object], *, models: bool
+    plan: ClassPlan, base: type, attrs: dict[str, object], *, models: bool, cache: bool = False
 ) -> tuple[object, type]:
     """Define the class ``plan.name`` at module level (Modal finds classes by name).
 
-    ``models``: the class loads models, so it mounts the model cache; otherwise it is the
-    ingress, which gets the API keys' secret (when auth is on).
+    ``models``: the class loads models (or calls the classes that do), so it mounts the
+    model cache; otherwise it is the ingress, which gets the API keys' secret (when auth
+    is on); ``cache``: the ingress mounts the model cache too (the batch store is there).
     """
     host = type(plan.name, (base,), {"__module__": __name__, "__qualname__": plan.name, **attrs})
     concurrent = modal.concurrent(max_inputs=plan.max_inputs, target_inputs=plan.target_inputs)
     modal_cls: object = app.cls(
         **plan.cls_options(),
-        volumes={PLAN.volume_mount: model_cache} if models else {},
+        volumes={PLAN.volume_mount: model_cache} if models or cache else {},
         secrets=[] if models else ingress_secrets,
     )(concurrent(host))
     globals()[plan.name] = modal_cls
@@ -96,21 +97,49 @@ def _register(
 
 
 # One class per deployment the config turns on (LLM, Codegen, Grounder), or per packed
-# group (DetectorSAM: both servers in one container, on one GPU).
+# group (DetectorSAM: both servers in one container, on one GPU); then the classes whose
+# server calls the others (the batch runner), given their classes.
 CLASSES = {
     plan.name: _register(
         plan, ServerHost, {"SERVERS": {s.name: s.config for s in plan.servers}}, models=True
     )
     for plan in PLAN.deployments
+    if not plan.graph
 }
 # service key -> (Modal class, host class, deployment name): what the ingress calls.
 SERVICES = {
     server.service: (*CLASSES[plan.name], server.name)
     for plan in PLAN.deployments
+    if not plan.graph
     for server in plan.servers
 }
+GRAPH_CLASSES = {
+    plan.name: _register(
+        plan,
+        ServerHost,
+        {
+            "SERVERS": {s.name: s.config for s in plan.servers},
+            "ARGS": PLAN.args,
+            "SERVICES": dict(SERVICES),
+        },
+        models=True,
+    )
+    for plan in PLAN.deployments
+    if plan.graph
+}
+GRAPH_SERVICES = {
+    server.service: (*GRAPH_CLASSES[plan.name], server.name)
+    for plan in PLAN.deployments
+    if plan.graph
+    for server in plan.servers
+}
+# With the batch API on, the ingress reads the batch store, kept on the model-cache Volume.
 Ingress, _ = _register(
-    PLAN.ingress, IngressHost, {"ARGS": PLAN.args, "SERVICES": SERVICES}, models=False
+    PLAN.ingress,
+    IngressHost,
+    {"ARGS": PLAN.args, "SERVICES": {**SERVICES, **GRAPH_SERVICES}},
+    models=False,
+    cache=bool(GRAPH_SERVICES),
 )
 
 

@@ -106,6 +106,7 @@ class ClassPlan(StrictModel):
     startup_timeout: int
     max_inputs: int
     target_inputs: int | None
+    graph: bool = False  # its server calls the other classes (ServiceSpec.graph)
 
     def cls_options(self) -> dict[str, Any]:
         """Keyword arguments of ``app.cls`` (volumes and secrets are added by the app)."""
@@ -168,7 +169,12 @@ def scaledown_window(mode: Mode, downscale_delay_s: float) -> int:
 
 
 def _class_plan(
-    name: str, servers: list[ServerPlan], deployment: Any, mode: Mode, override: Any = None
+    name: str,
+    servers: list[ServerPlan],
+    deployment: Any,
+    mode: Mode,
+    override: Any = None,
+    graph: bool = False,
 ) -> ClassPlan:
     from ray.serve.config import AutoscalingConfig
 
@@ -207,6 +213,7 @@ def _class_plan(
         startup_timeout=STARTUP_TIMEOUT_S["gpu" if gpu else "cpu"],
         max_inputs=max_inputs,
         target_inputs=target,
+        graph=graph,
     )
 
 
@@ -318,6 +325,7 @@ def make_plan(
             resolved[s.name],
             mode,
             overrides.get(s.name),
+            s.graph,
         )
         for s, cfg in args.enabled()
     ]

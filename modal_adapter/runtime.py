@@ -43,6 +43,11 @@ class ServerHost:
     """
 
     SERVERS: ClassVar[dict[str, dict[str, Any]]] = {}
+    # A class whose server calls the graph (ServiceSpec.graph, the batch runner) also gets
+    # the app's args and the other services (service -> (Modal class, host class,
+    # deployment name)), as the ingress does.
+    ARGS: ClassVar[dict[str, Any]] = {}
+    SERVICES: ClassVar[dict[str, tuple[Any, type[ServerHost], str]]] = {}
     # Keyed by (host class, deployment): one server per deployment, whoever calls.
     _servers: ClassVar[dict[tuple[type, str], Any]] = {}
     _starting: ClassVar[dict[tuple[type, str], asyncio.Task[Any]]] = {}
@@ -74,7 +79,21 @@ class ServerHost:
     async def _start(self, deployment: str) -> Any:
         from serve_apps.registry import spec
 
-        server = spec(deployment).build(self.SERVERS[deployment])
+        entry = spec(deployment)
+        kwargs: dict[str, Any] = {}
+        if entry.graph:
+            from serve_apps.batch.runner import Graph
+            from serve_apps.registry import AppArgs
+
+            local = modal.is_local()
+            kwargs["graph"] = Graph(
+                AppArgs.model_validate(self.ARGS),
+                {
+                    service: ModalHandle(modal_cls, host_cls, name, local=local)
+                    for service, (modal_cls, host_cls, name) in self.SERVICES.items()
+                },
+            )
+        server = entry.build(self.SERVERS[deployment], **kwargs)
         await server.start()
         ServerHost._servers[(type(self), deployment)] = server
         return server

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ContextLengthError
@@ -53,6 +53,9 @@ class Settings(BaseSettings):
         default="python -m serve_apps.provision --config <your Serve config>",
         description="the command that provisions the models here, named by the error a "
         "replica raises when its model is not on the cache",
+    )
+    batch_webhook_secret: SecretStr | None = Field(
+        default=None, description="HMAC-SHA256 key that signs batch completion webhooks"
     )
 
 
@@ -479,8 +482,16 @@ class Limits(StrictModel):
         default_factory=dict, description='deadline per path, e.g. {"/v1/ground": 60}'
     )
 
+    route_max_request_bytes: dict[str, Annotated[int, Field(ge=1024)]] = Field(
+        default_factory=lambda: {"/v1/files": 128 * 1024 * 1024},
+        description="body limit per path instead of max_request_bytes (batch input uploads)",
+    )
+
     def timeout_for(self, path: str) -> float:
         return self.route_timeouts_s.get(path, self.request_timeout_s)
+
+    def max_bytes_for(self, path: str) -> int:
+        return self.route_max_request_bytes.get(path, self.max_request_bytes)
 
     def check_max_tokens(self, requested: int | None) -> None:
         """``ContextLengthError`` (400) when a request asks for more than ``max_tokens``."""

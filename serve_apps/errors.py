@@ -119,11 +119,17 @@ class RateLimitedError(ServeAppError):
     default_code = "rate_limit_exceeded"
 
 
-class ModelNotFoundError(ServeAppError):
-    """404: the ``model`` field names no model this service serves."""
+class NotFoundError(ServeAppError):
+    """404: the request names something (a file, a batch) that does not exist."""
 
     status_code = 404
     error_type = "not_found_error"
+    default_code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    """404: the ``model`` field names no model this service serves."""
+
     default_code = "model_not_found"
 
 

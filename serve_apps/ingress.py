@@ -86,8 +86,9 @@ def json_deeper_than(body: bytes, limit: int) -> bool:
 class BodyMiddleware:
     """Reads the request body once, within its limits, and replays it to the app (pure
     ASGI; every route parses the whole JSON body anyway): 413 over ``max_request_bytes``
-    (declared or streamed), 408 when it does not arrive within ``body_timeout_s``, 400
-    when a JSON body nests deeper than ``max_json_depth``."""
+    or the path's ``route_max_request_bytes`` (declared or streamed), 408 when it does
+    not arrive within ``body_timeout_s``, 400 when a JSON body nests deeper than
+    ``max_json_depth``."""
 
     def __init__(self, app: ASGIApp, limits: Limits):
         self.app = app
@@ -98,13 +99,14 @@ class BodyMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
+        limit = self.limits.max_bytes_for(scope.get("path", ""))
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(self._too_large(), scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(self._too_large(limit), scope, receive, send)
             return
         try:
             async with asyncio.timeout(self.limits.body_timeout_s):
-                body = await self._read(receive)
+                body = await self._read(receive, limit)
         except TimeoutError:
             timeout = self.limits.body_timeout_s
             error: ServeAppError = RequestTimeoutError(f"request body not received in {timeout} s")
@@ -134,14 +136,11 @@ class BodyMiddleware:
 
         await self.app(scope, replay, send)
 
-    @property
-    def limit(self) -> int:
-        return self.limits.max_request_bytes
+    @staticmethod
+    def _too_large(limit: int) -> PayloadTooLargeError:
+        return PayloadTooLargeError(f"request body is over the {limit}-byte limit")
 
-    def _too_large(self) -> PayloadTooLargeError:
-        return PayloadTooLargeError(f"request body is over the {self.limit}-byte limit")
-
-    async def _read(self, receive: Receive) -> bytes | None:
+    async def _read(self, receive: Receive, limit: int) -> bytes | None:
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -150,8 +149,8 @@ class BodyMiddleware:
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
-                raise self._too_large()
+            if size > limit:
+                raise self._too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)

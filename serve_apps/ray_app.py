@@ -39,6 +39,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from . import metrics
+from .batch.runner import Graph
 from .config import KeyLimits, ModelConfig, RateLimits
 from .errors import InvalidRequestError, OverloadedError, UnavailableError, unwrap
 from .ingress import create_app
@@ -206,10 +207,20 @@ def _replica_class(spec: ServiceSpec[Any, Any]) -> type:
     server_class = spec.server
 
     class Replica(server_class):  # type: ignore[misc, valid-type]
-        async def __init__(self, config: dict[str, Any]):  # type: ignore[misc]
+        async def __init__(  # type: ignore[misc]
+            self,
+            config: dict[str, Any],
+            graph: tuple[dict[str, Any], dict[str, DeploymentHandle]] | None = None,
+        ):
             from ray.util import get_current_placement_group
 
             kwargs: dict[str, Any] = {}
+            if graph is not None:  # a service that calls the others (ServiceSpec.graph)
+                graph_args, graph_handles = graph
+                kwargs["graph"] = Graph(
+                    AppArgs.model_validate(graph_args),
+                    {k: RayHandle(h) for k, h in graph_handles.items()},
+                )
             # A vLLM replica with several workers gets a placement group (build_app,
             # serve_apps.placement); its engine schedules the workers into it. Servers that
             # run in the replica process alone take none, whatever the config reserved.
@@ -312,12 +323,17 @@ def bind_graph(
     options, e.g. ``{"LLM": {"num_replicas": 2}}``) does in Python what a Serve config's
     ``deployments:`` entries do: benchmarks and tests shape the graph with it."""
     options = options or {}
-    services = {}
-    for spec, config in args.enabled():
+    services: dict[str, Any] = {}
+    args_json = args.model_dump(mode="json")
+    # Services that call the graph are bound last, with the handles of the others.
+    for spec, config in sorted(args.enabled(), key=lambda item: item[0].graph):
         chosen: dict[str, Any] = {"name": spec.name}
         if isinstance(config, ModelConfig):
             chosen.update(replica_placement(config))
         chosen.update(options.get(spec.name, {}))
-        services[spec.key] = deployment(spec).options(**chosen).bind(config.model_dump(mode="json"))
+        bind_args: list[Any] = [config.model_dump(mode="json")]
+        if spec.graph:
+            bind_args.append((args_json, dict(services)))
+        services[spec.key] = deployment(spec).options(**chosen).bind(*bind_args)
     ingress = IngressDeployment.options(name=INGRESS, **options.get(INGRESS, {}))
-    return ingress.bind(args.model_dump(mode="json"), services)
+    return ingress.bind(args_json, services)

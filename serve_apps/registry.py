@@ -15,6 +15,9 @@ One :class:`ServiceSpec` per service says what every target and the ingress need
 ``cpus``        the CPUs a replica asks for when the Serve config does not say
 ``routers``     the API families it contributes (``serve_apps.routers.<family>:router``),
                 mounted when the service is on
+``graph``       its server calls the rest of the graph: it is built with ``graph=``
+                (:class:`~serve_apps.batch.runner.Graph`: the args and a handle per
+                service), after the others (the batch runner)
 ==============  =================================================================
 
 Everything else derives from the table: :data:`AppArgs` (one optional field per service
@@ -37,6 +40,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from . import front_door
+from .batch.runner import BatchClient, BatchConfig, BatchRunner, Graph
 from .clients import Client, DetectorClient, GrounderClient, LLMClient, SegmenterClient
 from .config import (
     AdapterConfig,
@@ -85,6 +89,7 @@ class ServiceSpec(Generic[C, K]):
     extras: tuple[str, ...]
     cpus: float
     routers: tuple[str, ...] = field(default=())
+    graph: bool = False
 
     def build(self, config: C | Mapping[str, Any], **kwargs: Any) -> Any:
         """A (not yet started) server for ``config`` (the config model or its JSON)."""
@@ -157,7 +162,21 @@ GROUNDER = ServiceSpec(
     routers=("serve_apps.routers.vision:router",),
 )
 
-SERVICES: tuple[ServiceSpec[Any, Any], ...] = (LLM, CODEGEN, DETECTOR, SAM, GROUNDER)
+BATCH = ServiceSpec(
+    name="BatchRunner",
+    key="batch",
+    config_type=BatchConfig,
+    default=None,  # off unless the config has a `batch:` section
+    server=BatchRunner,
+    client=BatchClient,
+    description="the OpenAI Batch API: lines answered by the graph, durable, resumable",
+    extras=(),
+    cpus=0.1,
+    routers=("serve_apps.routers.batch:router",),
+    graph=True,
+)
+
+SERVICES: tuple[ServiceSpec[Any, Any], ...] = (LLM, CODEGEN, DETECTOR, SAM, GROUNDER, BATCH)
 
 
 def spec(name: str, services: Sequence[ServiceSpec[Any, Any]] = SERVICES) -> ServiceSpec[Any, Any]:
@@ -266,7 +285,14 @@ def create_servers(args: AppArgsBase, settings: Settings | None = None) -> dict[
     What runs the whole graph in one process (tests, benchmarks): wrap each in a
     ``LocalHandle`` and hand them to ``create_app``.
     """
-    return {s.key: s.build(cfg, settings=settings) for s, cfg in args.enabled()}
+    from .handles import LocalHandle
+
+    servers = {s.key: s.build(cfg, settings=settings) for s, cfg in args.enabled() if not s.graph}
+    handles = {key: LocalHandle(server) for key, server in servers.items()}
+    for s, cfg in args.enabled():
+        if s.graph:
+            servers[s.key] = s.build(cfg, settings=settings, graph=Graph(args, handles))
+    return servers
 
 
 def extras_for(args: AppArgsBase) -> list[str]:

@@ -21,10 +21,19 @@ PLAIN = {"CPU": 16.0, "memory": 40 * GIB, "object_store_memory": 20 * GIB, "node
 def test_a_plain_cpu_cluster_names_the_accelerators_it_lacks(prod_config):
     deployments = resolve_deployments(prod_config).deployments
     problems = {f.reason.split(":")[0]: f.reason for f in unplaceable(deployments, [PLAIN])}
-    assert set(problems) == {"Ingress", "LLM", "Codegen", "Detector", "SAM", "Grounder"}
+    assert set(problems) == {
+        "Ingress",
+        "LLM",
+        "Codegen",
+        "Detector",
+        "SAM",
+        "Grounder",
+        "BatchRunner",
+    }
     assert "no node has GPU" in problems["LLM"] and "accelerator_type:A100-80G" in problems["LLM"]
     assert "accelerator_type:A100-40G" in problems["SAM"]
     assert "pool:cpu" in problems["Ingress"] and "GPU" not in problems["Ingress"]
+    assert "pool:cpu" in problems["BatchRunner"] and "GPU" not in problems["BatchRunner"]
     assert "advertise: CPU, memory, object_store_memory" in problems["LLM"]
 
 

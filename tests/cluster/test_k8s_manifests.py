@@ -14,6 +14,7 @@ from cluster.crd import kuberay_checks, validate
 from cluster.render import (
     K8S_DIR,
     OVERLAYS,
+    batch_cronjob,
     drift,
     model_cache_pvc,
     prefetch_job,
@@ -68,6 +69,21 @@ def test_the_base_validates(rayservice_schema):
     kubernetes_validate.validate(pvc, K8S_VERSION, strict=True)
     (job,) = _docs(K8S_DIR / "base/prefetch-job.yaml")
     kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    (cron,) = _docs(K8S_DIR / "base/batch-cronjob.yaml")
+    kubernetes_validate.validate(cron, K8S_VERSION, strict=True)
+
+
+def test_the_batch_cronjob_submits_the_inbox_to_the_serve_service():
+    cron = batch_cronjob().dump()
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    script = pod["containers"][0]["command"][-1]
+    assert "serve-apps batch images /mnt/model-cache/batch-inbox" in script
+    assert "serve-apps batch submit" in script and "http://serve-apps-serve-svc:8000" in script
+    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "model-cache"
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    broken = {**cron, "spec": {**cron["spec"], "jobTemplate": {"spec": {"backofLimit": 1}}}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
 
 
 @pytest.mark.parametrize("cloud", list(OVERLAYS))
@@ -81,7 +97,8 @@ def test_each_overlay_builds_validates_and_equals_the_direct_rendering(
         check=True,
     )
     docs = {d["kind"]: d for d in yaml.safe_load_all(out.stdout) if d}
-    assert set(docs) == {"RayService", "PersistentVolumeClaim", "Job"}
+    assert set(docs) == {"RayService", "PersistentVolumeClaim", "Job", "CronJob"}
+    assert docs["CronJob"] == batch_cronjob().dump()
     rs, pvc = docs["RayService"], docs["PersistentVolumeClaim"]
     kubernetes_validate.validate(docs["Job"], K8S_VERSION, strict=True)
     assert docs["Job"] == prefetch_job(prod_config).dump()

@@ -71,9 +71,10 @@ def test_one_worker_group_per_pool_with_bounds_from_the_deployments(rendered, pr
         assert w["replicas"] == w["minReplicas"]
     bounds = {w["groupName"]: (w["minReplicas"], w["maxReplicas"]) for w in workers}
     # LLM 1..3 and Codegen 0..2 at 1 GPU each; Detector 1..2 and SAM 1..2 at half a GPU
-    # (two per 1-GPU node); Ingress 1..2 and Grounder 1..2 at 1 CPU of a 6-CPU pod.
+    # (two per 1-GPU node); Ingress 1..2, Grounder 1..2 and BatchRunner 1..1 at 1 CPU of a
+    # 6-CPU pod.
     expected = {
-        "gke": {"a100-80gb": (1, 5), "a100-40gb": (1, 2), "cpu": (1, 2)},
+        "gke": {"a100-80gb": (1, 5), "a100-40gb": (1, 2), "cpu": (1, 3)},
         # LLM 3 + Codegen 2 + Detector 2 + SAM 2 replicas, each packing only with itself:
         # up to 4 nodes; the minimum (1 + 0.5 + 0.5 GPUs) is one node, not one of each pool.
         "eks": {"a100-80gb": (1, 4)},

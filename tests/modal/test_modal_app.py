@@ -125,11 +125,11 @@ def test_packing_and_overrides_are_settings(tmp_path):
     args["modal"] = {"pack_fractional_gpus": False, "classes": {"Grounder": {"min_containers": 0}}}
     plan = planning.make_plan(config, "prod", "x", "test")
     names = [c.name for c in plan.deployments]
-    assert names == ["LLM", "Codegen", "Detector", "SAM", "Grounder"]
-    assert plan.deployments[-1].min_containers == 0
+    assert names == ["LLM", "Codegen", "Detector", "SAM", "Grounder", "BatchRunner"]
+    assert plan.deployments[4].min_containers == 0
     assert plan.deployments[0].min_containers == 1  # no override: Serve's min_replicas
     # dev and demo are presets: the overrides are for prod.
-    assert planning.make_plan(config, "demo", "x", "test").deployments[-1].min_containers == 1
+    assert planning.make_plan(config, "demo", "x", "test").deployments[4].min_containers == 1
     # Fractions that do not fit one GPU are not packed.
     deployments = config["applications"][0]["deployments"]
     for d in deployments:
@@ -168,9 +168,10 @@ def test_model_classes_mount_the_model_cache_and_get_the_token_the_ingress_the_a
         )  # they load from the volume: no token (tests/modal/test_modal_deploy.py)
         assert info.method_names == ["call", "stream"]
     ingress = prod_app.Ingress._get_class_service_function().info()
-    # auth is on in the production config: the ingress (only) gets the API keys' secret.
-    assert ingress.volumes == {} and len(ingress.secrets) == 1
-    assert "serve-apps-api-keys" in ingress.secrets[0]
+    # auth is on in the production config: the ingress (only) gets the API keys' secret;
+    # it mounts the cache for the batch store (batch is on), never the HF token.
+    assert prod_app.GRAPH_SERVICES and set(ingress.volumes) == {MODEL_CACHE_MOUNT}
+    assert len(ingress.secrets) == 1 and "serve-apps-api-keys" in ingress.secrets[0]
     assert list(ingress.method_details) == ["web"]
 
 
@@ -239,3 +240,18 @@ def test_the_adapter_uses_no_deprecated_modal_form():
         code = path.read_text()
         for pattern in DEPRECATED:
             assert not re.search(pattern, code), f"{path.name} uses {pattern}"
+
+
+def test_the_scheduled_batch_app_runs_daily_over_its_inbox():
+    import importlib.util
+
+    import modal
+
+    spec = importlib.util.spec_from_file_location(
+        "scheduled_batch", REPO / "modal_adapter" / "scheduled_batch.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert isinstance(module.SCHEDULE, modal.Cron)
+    assert isinstance(module.submit_inbox, modal.Function)

@@ -32,6 +32,8 @@ class FakeServer:
 
 
 class FakeSpec:
+    graph = False  # calls no other service (ServiceSpec.graph)
+
     def __init__(self, name: str):
         self.name = name
 

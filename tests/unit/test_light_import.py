@@ -29,6 +29,8 @@ def test_importing_the_package_and_its_light_modules_loads_no_heavy_dependency()
         "import serve_apps.images, serve_apps.schemas.vision, serve_apps.routers.vision\n"
         "import serve_apps.pipelines.vision, serve_apps.replicas.vision\n"
         "import serve_apps.engines.detection, serve_apps.engines.batching\n"
+        "import serve_apps.batch.store, serve_apps.batch.runner, serve_apps.batch.webhooks\n"
+        "import serve_apps.routers.batch, serve_apps.cli\n"
         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

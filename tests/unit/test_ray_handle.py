@@ -88,4 +88,5 @@ def test_only_servers_with_engine_workers_take_a_placement_group():
         "Detector": False,
         "SAM": False,
         "Grounder": False,
+        "BatchRunner": False,
     }
