@@ -210,14 +210,17 @@ async def test_tokens_are_reserved_then_settled_to_the_usage():
 
 # ------------------------------------------------------------------ metrics
 def scrape(text: str, name: str, **labels) -> float:
-    """The value of one sample in a Prometheus text exposition (0 when absent)."""
+    """The sum of the samples of ``name`` whose labels include ``labels``, in a Prometheus
+    text exposition (0 when absent): other tests in this process may have made samples
+    with other label values."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 async def test_metrics_move_by_exactly_the_requests_made(monkeypatch):
