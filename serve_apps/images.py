@@ -28,11 +28,12 @@ import io
 import ipaddress
 import re
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 from . import metrics
-from .errors import ImageError, PayloadTooLargeError
+from .errors import ImageError, PayloadTooLargeError, ServeAppError
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -264,6 +265,29 @@ async def fetch_image_url(url: str, limits: ImageLimits, budget: ByteBudget | No
         raise _failed(f"fetching image_url took over {limits.image_url_timeout_s} s") from e
 
 
+async def checked_url(
+    url: str,
+    allow_private: bool,
+    name: str = "image_url",
+    refuse: Callable[[str], ServeAppError] = _refused,
+) -> tuple[SplitResult, int, list[str]]:
+    """The parts, port and checked addresses of a URL the service may connect to (an
+    ``image_url``, a batch's webhook): http(s), a host, no credentials, a valid port, and
+    addresses that pass the private-address policy. ``refuse`` makes the error (a 400)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise refuse(f"{name} must be http or https, not {parts.scheme or 'none'!r}")
+    if not parts.hostname:
+        raise refuse(f"{name} has no host")
+    if parts.username or parts.password:
+        raise refuse(f"{name} must not carry credentials")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise refuse(f"{name} has an invalid port: {e}") from e
+    return parts, port, await _resolve(parts.hostname, port, allow_private)
+
+
 async def _fetch(url: str, limits: ImageLimits, budget: ByteBudget | None) -> bytes:
     import httpx
 
@@ -271,18 +295,8 @@ async def _fetch(url: str, limits: ImageLimits, budget: ByteBudget | None) -> by
         timeout=limits.image_url_timeout_s, follow_redirects=False, trust_env=False
     ) as client:
         for _ in range(limits.max_redirects + 1):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https"):
-                raise _refused(f"image_url must be http or https, not {parts.scheme or 'none'!r}")
-            if not parts.hostname:
-                raise _refused("image_url has no host")
-            if parts.username or parts.password:
-                raise _refused("image_url must not carry credentials")
-            try:
-                port = parts.port or (443 if parts.scheme == "https" else 80)
-            except ValueError as e:
-                raise _refused(f"image_url has an invalid port: {e}") from e
-            addresses = await _resolve(parts.hostname, port, limits.allow_private_urls)
+            parts, port, addresses = await checked_url(url, limits.allow_private_urls)
+            assert parts.hostname is not None
             # Connect to an address that was checked (the next one when a connection
             # fails); keep Host and TLS name (SNI and certificate) those of the URL.
             headers = {

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import ImageError, InvalidRequestError
-from ..images import _host_header, _resolve
+from ..images import _host_header, checked_url
 
 SIGNATURE_HEADER = "X-Serve-Apps-Signature"
 
@@ -41,22 +41,13 @@ def _refused(message: str) -> InvalidRequestError:
 
 
 async def check_url(url: str, allow_private: bool) -> tuple[str, int, list[str]]:
-    """The host, port and checked addresses of a webhook URL; a 400 when refused."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise _refused(f"webhook_url must be http or https, not {parts.scheme or 'none'!r}")
-    if not parts.hostname:
-        raise _refused("webhook_url has no host")
-    if parts.username or parts.password:
-        raise _refused("webhook_url must not carry credentials")
+    """The host, port and checked addresses of a webhook URL; a 400 when refused (the
+    ``image_url`` policy: :func:`serve_apps.images.checked_url`)."""
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as e:
-        raise _refused(f"webhook_url has an invalid port: {e}") from e
-    try:
-        addresses = await _resolve(parts.hostname, port, allow_private)
-    except ImageError as e:
+        parts, port, addresses = await checked_url(url, allow_private, "webhook_url", _refused)
+    except ImageError as e:  # refused by the address policy, worded for image_url
         raise _refused(e.message.replace("image_url", "webhook_url")) from e
+    assert parts.hostname is not None
     return parts.hostname, port, addresses
 
 
