@@ -320,7 +320,21 @@ class ChatChunkChoice(BaseModel):
     constraint_satisfied: bool | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class StreamedItem(BaseModel):
+    """A model streamed item by item across processes (one per token and request, from an
+    LLM replica to the ingress): pickled as its JSON, which pydantic-core writes and reads
+    in one call, instead of pickle walking the nested models field by field (measured:
+    cloudpickle of these chunks was ~16% of the LLM replica's GIL time at 32 streams)."""
+
+    def __reduce__(self) -> tuple[Any, tuple[type[StreamedItem], str]]:
+        return _streamed_from_json, (type(self), self.model_dump_json())
+
+
+def _streamed_from_json(cls: type[StreamedItem], data: str) -> StreamedItem:
+    return cls.model_validate_json(data)
+
+
+class ChatCompletionChunk(StreamedItem):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -346,7 +360,7 @@ class CompletionChoice(BaseModel):
     constraint_satisfied: bool | None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(StreamedItem):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
