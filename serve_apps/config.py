@@ -148,6 +148,13 @@ class ModelConfig(StrictModel):
     max_queue: int = Field(default=256, ge=1, description="waiting requests before 503")
     max_model_len: int | None = Field(default=None, ge=16)
     default_max_tokens: int = Field(default=256, ge=1)
+    stream_interval: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="tokens per streamed chunk after the first (the first goes at once), as "
+        "vLLM's --stream-interval: fewer, larger chunks cost less per token on every hop",
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     trust_remote_code: bool = False

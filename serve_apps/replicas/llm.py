@@ -120,6 +120,24 @@ async def _all(coros: Sequence[Awaitable[T]]) -> list[T]:
             t.cancel()
 
 
+async def _chunked(
+    stream: AsyncIterator[GenerationOutput], tokens: int
+) -> AsyncIterator[GenerationOutput]:
+    """The first output at once, then outputs joined until they hold ``tokens`` tokens (the
+    last one whatever it holds): ``stream_interval``, the same for every backend."""
+    pending: list[GenerationOutput] = []
+    first = True
+    try:
+        async for out in stream:
+            pending.append(out)
+            count = sum(len(o.token_ids) for o in pending)
+            if first or out.finish_reason is not None or count >= tokens:
+                yield pending[0] if len(pending) == 1 else GenerationOutput.join(pending)
+                pending, first = [], False
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
 async def _merge(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
     """Items of several streams as they come, each with its stream's index."""
     if len(streams) == 1:
@@ -414,7 +432,8 @@ class LLMServer:
             finally:
                 await rest.aclose()  # type: ignore[attr-defined]
 
-        return [prepend(f, st) for f, st in zip(firsts, streams, strict=True)]
+        interval = self.config.stream_interval
+        return [_chunked(prepend(f, st), interval) for f, st in zip(firsts, streams, strict=True)]
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         gen = await self._chat_request(req)

@@ -199,6 +199,27 @@ async def test_stream_chunks_follow_openai(client):
     assert events[-1] == "[DONE]"
 
 
+async def test_stream_interval_joins_deltas_after_the_first():
+    """stream_interval 3: the first delta at once, then chunks of 3 tokens (the last one
+    what is left); the text and the usage are the same as token by token."""
+    args = AppArgs.model_validate(
+        {**ARGS.model_dump(), "llm": {**ARGS.llm.model_dump(), "stream_interval": 3}}
+    )
+    server = LLMServer(args.llm, engine=FakeEngine(reply="one two three four five six seven"))
+    await server.start()
+    app = create_app(args, {"llm": LocalHandle(server), "codegen": LocalHandle(server)})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.post(
+            "/v1/chat/completions", json=chat(stream=True, stream_options={"include_usage": True})
+        )
+    events = sse_events(r.text)
+    deltas = [e["choices"][0]["delta"]["content"] for e in events[1:-2]]
+    # (the fake engine ends with an empty delta that carries the finish reason)
+    assert deltas == ["one", " two three four", " five six seven", ""]
+    assert events[-3]["choices"][0]["finish_reason"] == "stop"
+    assert events[-2]["usage"]["completion_tokens"] == 7
+
+
 async def test_models_and_health(client):
     models = (await client.get("/v1/models")).json()
     assert {m["id"]: m["service"] for m in models["data"]} == {
