@@ -22,6 +22,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
+# Every Ray cluster a benchmark starts runs Serve's data plane as shipped (scripts/serve,
+# the RayService): set before Ray starts; an explicit value in the environment wins.
+from serve_apps import dataplane  # noqa: E402
+
+dataplane.apply()
+
 # The JSON schema of the constraint benchmarks (bench.llm, bench.vllm): bounded strings,
 # arrays and numbers, so that a random-weight model can finish it.
 SCHEMA: dict[str, Any] = {

@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from serve_apps.dataplane import SERVE_ENV
+
 from .findings import Finding, errors
 from .k8s_models import (
     AutoscalerOptions,
@@ -262,6 +264,12 @@ def render_rayservice(config: Mapping[str, Any], cloud: Cloud | None) -> Rendere
     return Rendered(rayservice, groups)
 
 
+def _dataplane_env() -> list[EnvVar]:
+    """Ray Serve's data plane (serve_apps.dataplane), set on the head and every worker as in
+    KubeRay's high-throughput sample: Serve reads it when its processes start."""
+    return [EnvVar(name=k, value=v) for k, v in SERVE_ENV.items()]
+
+
 def _head_group() -> HeadGroupSpec:
     return HeadGroupSpec(
         # No replica on the head: only the Serve controller and proxy (0 CPU each).
@@ -273,6 +281,8 @@ def _head_group() -> HeadGroupSpec:
                         name="ray-head",
                         image=image(),
                         image_pull_policy="IfNotPresent",
+                        # The head runs Serve's controller and HAProxy: the same data plane.
+                        env=_dataplane_env(),
                         ports=[
                             ContainerPort(container_port=6379, name="gcs-server"),
                             ContainerPort(container_port=8265, name="dashboard"),
@@ -305,7 +315,11 @@ def _worker_group(group: GroupBounds) -> WorkerGroupSpec:
         limits["nvidia.com/gpu"] = str(shape.gpus)
     # Local disk is asked for, not capped (no limit: a pod past it is not evicted).
     requests = {**limits, "ephemeral-storage": f"{ephemeral_storage_gib(shape)}Gi"}
-    env = [*(EnvVar(name=k, value=v) for k, v in replica_env("k8s").items()), _hf_token()]
+    env = [
+        *_dataplane_env(),
+        *(EnvVar(name=k, value=v) for k, v in replica_env("k8s").items()),
+        _hf_token(),
+    ]
     return WorkerGroupSpec(
         group_name=pool.name,
         replicas=group.min_nodes,

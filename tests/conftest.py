@@ -19,6 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 # process the tests start, Ray workers included (they inherit the environment).
 os.environ.setdefault("SERVE_APPS_CACHE_DIR", str(REPO / ".cache" / "serve_apps"))
 
+# Every Ray cluster the tests start runs Serve's data plane as scripts/serve and the
+# RayService do (direct ingress, HAProxy, gRPC between deployments): set before Ray starts.
+from serve_apps import dataplane  # noqa: E402
+
+dataplane.apply()
+
 
 @pytest.fixture(scope="session")
 def settings():

@@ -133,6 +133,21 @@ def test_model_cache_on_every_worker_and_the_token_only_by_reference(rendered):
             assert all("value" not in e for e in parent_env), f"{path}: a literal token"
 
 
+def test_serve_data_plane_on_the_head_and_every_worker(rendered):
+    """Serve reads its data-plane variables when its processes start: the head (controller,
+    HAProxy) and every worker (replicas) get the same ones, as scripts/serve sets them."""
+    from serve_apps.dataplane import SERVE_ENV
+
+    _, rs = rendered
+    cluster = rs["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    assert len(pods) > 1
+    for pod in pods:
+        env = {e["name"]: e.get("value") for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV
+    assert "serve_apps.dataplane" in (REPO / "scripts" / "serve").read_text()
+
+
 def test_autoscaling_upgrade_strategy_and_versions(rendered):
     import ray
 
