@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, SCHEMA, free_port, median, percentile, table, write_section
+from serve_apps import dataplane
 
 os.environ.setdefault("SERVE_APPS_CACHE_DIR", str(REPO / ".cache" / "serve_apps"))
 # In-process engines compute on one thread, as in a Ray replica with fewer than 2 CPUs
@@ -225,7 +226,7 @@ def bench_overhead(requests: int) -> None:
             ["path", "p50 ms", "p90 ms"],
             [
                 [
-                    "HTTP -> Serve proxy -> Ingress -> LLM replica",
+                    f"HTTP -> {dataplane.front_hop()} -> Ingress -> LLM replica",
                     serve_p50,
                     percentile(times["serve"], 0.9) * 1e3,
                 ],

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, median, percentile, table, write_section
+from serve_apps import dataplane
 
 # SAM timings are the best of the repeats: on shared cores the minimum is the run least
 # disturbed by other work (the grounding latencies, which are about load, use medians).
@@ -385,7 +386,7 @@ def bench_grounding(requests: int) -> None:
     )
     body += (
         f"\n\n- sequential / pipeline: **{median(serial) / median(piped):.2f}x**"
-        f"\n- HTTP -> Serve proxy -> Ingress -> Grounder, Detector, SAM replicas "
+        f"\n- HTTP -> {dataplane.front_hop()} -> Ingress -> Grounder, Detector, SAM replicas "
         f"(smoke models: Qwen2.5-VL detector, SAM smoke encoder, en_core_web_sm); "
         f"{requests} requests per level, each a new 640x480 image (the embedding cache "
         "cannot help), captions of 3-4 noun phrases; detect_max_tokens 64."

@@ -39,6 +39,16 @@ SERVE_ENV: dict[str, str] = {
 }
 
 
+def front_hop(environ: MutableMapping[str, str] = os.environ) -> str:
+    """What sits between a client and the ingress replica in this environment (benchmarks
+    name it in their results)."""
+    if environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        return "HAProxy"
+    if environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1":
+        return "Serve proxy (direct ingress beside it)"
+    return "Serve proxy"
+
+
 def apply(environ: MutableMapping[str, str] = os.environ) -> None:
     """Set the data-plane variables in ``environ`` where they are not set already."""
     for name, value in SERVE_ENV.items():
