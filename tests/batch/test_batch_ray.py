@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.batch.helpers import chat_line, ended, jsonl, results, stable, submit, wait_for
-from tests.conftest import CONTRACT_ARGS, CONTRACT_HEADERS, CONTRACT_KEYS
+from tests.conftest import CONTRACT_ARGS, CONTRACT_HEADERS, CONTRACT_KEYS, driver_handle
 from tests.helpers import b64, scene_png
 
 pytestmark = pytest.mark.ray
@@ -69,11 +69,10 @@ async def api(batch_url):
 
 
 async def runner_stats() -> dict:
-    from ray import serve
 
     from serve_apps.ray_app import RayHandle
 
-    handle = RayHandle(serve.get_deployment_handle("BatchRunner", app_name=APP))
+    handle = RayHandle(driver_handle("BatchRunner", APP))
     return await handle.call("stats")
 
 

@@ -8,6 +8,8 @@ import asyncio
 import httpx
 import pytest
 
+from tests.conftest import driver_handle
+
 pytestmark = pytest.mark.ray
 
 APP, PREFIX = "mux", "/mux"
@@ -42,9 +44,8 @@ def mux_url(ray_serve_url):
 
 async def replica_stats() -> dict[str, dict]:
     """Stats of every LLM replica of the app, by replica id (asked until both answered)."""
-    from ray import serve
 
-    handle = serve.get_deployment_handle("LLM", app_name=APP)
+    handle = driver_handle("LLM", APP)
     found: dict[str, dict] = {}
     for _ in range(60):
         stats = await handle.replica_stats.remote()

@@ -9,15 +9,14 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import CONTRACT_HEADERS
+from tests.conftest import CONTRACT_HEADERS, driver_handle
 
 pytestmark = pytest.mark.ray
 
 
 async def llm_stats():
-    from ray import serve
 
-    return await serve.get_deployment_handle("LLM", app_name="contract").stats.remote()
+    return await driver_handle("LLM", "contract").stats.remote()
 
 
 async def test_concurrent_http_requests_are_batched_in_the_replica(ray_serve_url):
@@ -64,13 +63,12 @@ async def test_client_disconnect_stops_generation_on_the_replica(ray_serve_url):
 
 
 def test_remote_errors_arrive_as_our_exceptions(ray_serve_url):
-    from ray import serve
 
     from serve_apps.errors import ConstraintError
     from serve_apps.ray_app import RayHandle
     from serve_apps.schemas.generate import GenerateRequest
 
-    handle = RayHandle(serve.get_deployment_handle("Codegen", app_name="contract"))
+    handle = RayHandle(driver_handle("Codegen", "contract"))
     bad = GenerateRequest.model_validate({"prompt": "x", "constraints": {"regex": "(oops"}})
     with pytest.raises(ConstraintError) as info:
         asyncio.run(handle.call("generate", bad))

@@ -13,15 +13,14 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import CONTRACT_HEADERS
+from tests.conftest import CONTRACT_HEADERS, driver_handle
 
 pytestmark = [pytest.mark.vllm, pytest.mark.ray]
 
 
 def handle(name="LLM"):
-    from ray import serve
 
-    return serve.get_deployment_handle(name, app_name="contract")
+    return driver_handle(name, "contract")
 
 
 async def test_the_replicas_serve_with_vllm_in_spawned_processes(vllm_ray_serve_url):
