@@ -27,6 +27,7 @@ BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 from serve_apps import dataplane  # noqa: E402
 
 dataplane.apply()
+dataplane.own_ports()
 
 # The JSON schema of the constraint benchmarks (bench.llm, bench.vllm): bounded strings,
 # arrays and numbers, so that a random-weight model can finish it.

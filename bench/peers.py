@@ -181,13 +181,18 @@ class ProjectServer:
                 *("--stream-interval", str(self.stream_interval)),
             ],
             cwd=REPO,
-            env={**os.environ, **self.env},
+            env=self._env(),
             stdout=subprocess.DEVNULL,
             stderr=open(REPO / "bench" / "results" / f"serve-apps-{port}.log", "w"),
             start_new_session=True,
         )
         _wait_healthy(self.proc, self.url, f"bench/results/serve-apps-{port}.log")
         return self
+
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, **self.env}
+        dataplane.own_ports(env)  # several project servers run at once here
+        return env
 
     def __exit__(self, *exc: object) -> None:
         _stop(self.proc, grace_s=90)

@@ -36,6 +36,8 @@ from typing import Any
 
 import yaml
 
+from serve_apps import dataplane
+
 from .findings import errors
 from .placement import GroupBounds, marker_resources
 from .pools import Cloud
@@ -206,6 +208,7 @@ class FakeCluster:
             )
         )
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        dataplane.classic(env)  # one HAProxy per fake node would bind the same ports
         env.update(self.extra_env)
         env.update(
             RAY_FAKE_CLUSTER="1",  # the provider refuses to run without it

@@ -59,6 +59,30 @@ def apply(environ: MutableMapping[str, str] = os.environ) -> None:
         environ.setdefault(name, value)
 
 
+# HAProxy's own listeners (stats, Prometheus) on fixed ports: one HAProxy per machine, as on
+# the RayService's pods. A second Ray cluster on one machine (tests, benchmarks) needs others.
+HAPROXY_OWN_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+
+
+def own_ports(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Free ports for HAProxy's stats and metrics listeners, for a Ray cluster started beside
+    others on one machine (call it right before the cluster starts; it overwrites)."""
+    import socket
+
+    for name in HAPROXY_OWN_PORTS:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            environ[name] = str(s.getsockname()[1])
+
+
+def classic(environ: MutableMapping[str, str]) -> None:
+    """Serve's classic data plane (its Python proxy), for clusters where it is not what is
+    measured and HAProxy cannot run once per node (the fake multi-node cluster: every fake
+    node is this machine)."""
+    for name in ("RAY_SERVE_THROUGHPUT_OPTIMIZED", "RAY_SERVE_ENABLE_HA_PROXY"):
+        environ[name] = "0"
+
+
 def main(argv: list[str]) -> None:
     """``python -m serve_apps.dataplane <command> [args...]``: run the command (``serve run
     config.yaml``) with the data-plane variables set."""

@@ -188,6 +188,7 @@ def ray_cluster():
     """A fresh local Ray cluster for this test session (never an existing one)."""
     import ray
 
+    dataplane.own_ports()  # beside other clusters on this machine (serve run's e2e, a lane)
     # Logical CPUs: replicas ask for fractions, the machine may have only 2 cores.
     # Ray's metrics agent exports on its own port (tests scrape it), reporting every second.
     ray.init(

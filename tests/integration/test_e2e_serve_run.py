@@ -15,6 +15,7 @@ import jsonschema
 import pytest
 import yaml
 
+from serve_apps import dataplane
 from tests.conftest import REPO, free_port
 from tests.helpers import b64, scene_png
 
@@ -33,6 +34,7 @@ def served(tmp_path_factory):
     log_path = path.parent / "serve.log"
     log = log_path.open("w")  # the server outlives this block
     env = {**os.environ, "RAY_ADDRESS": "local"}  # a new cluster, never someone else's
+    dataplane.own_ports(env)  # its HAProxy beside the test session's cluster
     serve_cli = Path(sys.executable).with_name("serve")
     proc = subprocess.Popen(
         [str(serve_cli), "run", str(path)],

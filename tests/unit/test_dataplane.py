@@ -29,3 +29,20 @@ def test_every_admitted_body_fits_one_message_between_deployments():
     assert dataplane.SERVE_ENV["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] == str(
         dataplane.GRPC_MAX_MESSAGE_BYTES
     )
+
+
+def test_own_ports_are_free_ports():
+    import socket
+
+    a: dict[str, str] = {}
+    dataplane.own_ports(a)
+    assert set(a) == set(dataplane.HAPROXY_OWN_PORTS)
+    for port in a.values():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", int(port)))  # nobody holds it
+
+
+def test_the_fake_multinode_cluster_runs_the_classic_data_plane():
+    env = dict(dataplane.SERVE_ENV)
+    dataplane.classic(env)
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == env["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
