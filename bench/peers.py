@@ -156,12 +156,16 @@ def serve_project(port: int, stream_interval: int) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(bind_graph(args, options), name="bench", route_prefix="/")
-    while not stop:
-        time.sleep(0.2)
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(bind_graph(args, options), name="bench", route_prefix="/")
+        while not stop:
+            time.sleep(0.2)
+    finally:
+        # Also after a failed start: Serve stops its HAProxy, which Ray's own exit would
+        # leave running (orphaned, holding its ports).
+        serve.shutdown()
+        ray.shutdown()
 
 
 class ProjectServer:
