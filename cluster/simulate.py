@@ -9,7 +9,9 @@ deploys, keeping what decides scheduling and scaling (every deployment's
 - every model service's model to the embedded smoke model on the CPU (a service config
   whose ``model`` is null serves the smoke model; generic over ``AppArgs`` fields);
 - the autoscaling delays to :data:`FAST_AUTOSCALING` (seconds instead of minutes);
-- HTTP: the proxy on the head only (fake nodes share one IP), on a free local port.
+- HTTP: the proxy on the head only (fake nodes share one IP), on a free local port;
+- the front door: auth and rate limits off (no key exists here; a limit would refuse the
+  load).
 
 :func:`run` starts the cluster, deploys through the dashboard's REST API (what KubeRay
 does with ``serveConfigV2``), applies a load step to every model service, and records a
@@ -91,6 +93,12 @@ def simulation_config(prod: Mapping[str, Any], http_port: int, cache_dir: str) -
     cfg["http_options"] = {"host": "127.0.0.1", "port": http_port}
     for app in cfg.get("applications") or []:
         app["args"] = smoke_args(app.get("import_path"), app.get("args"))
+        # The front door is not what this measures: no API keys exist here (the key file
+        # is a Kubernetes Secret), and a per-key limit would refuse the load.
+        if "auth" in app["args"]:
+            app["args"]["auth"] = {"enabled": False}
+        if "rate_limits" in app["args"]:
+            app["args"]["rate_limits"] = {}
         env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
         env.update(SERVE_APPS_CACHE_DIR=cache_dir, OMP_NUM_THREADS="1")
         for d in app.get("deployments") or []:

