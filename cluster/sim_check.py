@@ -83,12 +83,14 @@ def calibrate(
     samples: Sequence[Mapping[str, Any]],
     results: Sequence[Mapping[str, Any]],
     baseline_ids: Mapping[str, set[str]],
+    durations: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """The simulator's timing inputs, as the lane measured them.
 
-    - ``service_s``: per deployment, the mean latency of its successful requests (what
-      one request holds of Serve's ongoing count); the ``Ingress`` holds every request for
-      its whole latency, so its value is the mean over all requests;
+    - ``service_s``: per deployment, how long one request held a replica slot: the mean
+      of ``durations`` (seconds each request spent in a replica of it, from the replicas'
+      access logs); where none were logged, the mean latency of its successful requests
+      at the client (the ``Ingress``: of all requests), an upper bound;
     - ``replica_start_s``: per deployment, the median over its new replicas of the
       seconds from the replica (or, if later, its node) first seen to the replica RUNNING;
       a deployment with no new replica gets the median of the others;
@@ -101,6 +103,9 @@ def calibrate(
         service[name] = statistics.fmean(r["t1"] - r["t0"] for r in ok if r["deployment"] == name)
     if ok:
         service["Ingress"] = statistics.fmean(r["t1"] - r["t0"] for r in ok)
+    for name, values in (durations or {}).items():
+        if values:
+            service[name] = statistics.fmean(values)
 
     good = _good(samples)
     node_seen: dict[str, float] = {}
@@ -156,11 +161,11 @@ def compare_series(real: Sequence[int], sim: Sequence[int], load_end_s: int) -> 
     base = real[0]
     real_s, sim_s = sum(real), sum(sim)
     up_real = _first(real, lambda v: v > base)
-    up_sim = _first(sim, lambda v: v > sim[0])
+    up_sim = _first(sim, lambda v: v > base)  # the lane's start: both start there
     peak_k_real = up_real if up_real is not None else load_end_s
     peak_k_sim = up_sim if up_sim is not None else load_end_s
     back_real = _first(real, lambda v: v <= base, max(load_end_s, peak_k_real))
-    back_sim = _first(sim, lambda v: v <= sim[0], max(load_end_s, peak_k_sim))
+    back_sim = _first(sim, lambda v: v <= base, max(load_end_s, peak_k_sim))
     return {
         "real_unit_s": real_s,
         "sim_unit_s": sim_s,

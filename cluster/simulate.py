@@ -373,6 +373,21 @@ def autoscaler_launches(logs: Path) -> list[tuple[float, str]]:
     return out
 
 
+_ACCESS = re.compile(r"\b(?:OK|ERROR) (\d+(?:\.\d+)?)ms")
+
+
+def replica_durations(logs: Path, app: str, deployment: str, since: float) -> list[float]:
+    """Seconds each request (after ``since``) spent in a replica of ``deployment``: its
+    replicas' access-log lines (``CALL invoke OK 1234.5ms``)."""
+    out = []
+    for path in (logs / "serve").glob(f"replica_{app}_{deployment}_*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            m, ts = _ACCESS.search(line), _LOG_TS.match(line)
+            if m and ts and _ts(ts.group(1)) >= since:
+                out.append(float(m.group(1)) / 1000)
+    return out
+
+
 def first_served(logs: Path, app: str, deployment: str, replica_id: str) -> float | None:
     """When a replica finished its first request (its own access log line), or None."""
     for path in (logs / "serve").glob(f"replica_{app}_{deployment}_{replica_id}*.log"):
@@ -399,7 +414,7 @@ def run(
     workdir: Path | None = None,
     replay: bool = False,
     trace: Trace | None = None,
-    latency_s: float = 8.0,
+    latency_s: float = 16.0,
 ) -> dict[str, Any]:
     """Start the fake cluster, deploy, load step, observe the way back; return a report.
 
@@ -486,8 +501,11 @@ def run(
             _analyse(observer.samples, results, cluster.logs, app_name, base_ids, t0, t_load_end)
         )
         if routes is not None and trace is not None:
+            durations = {
+                name: replica_durations(cluster.logs, app_name, name, t0) for name in bounds
+            }
             report["check"] = simulator_check(
-                sim, cloud, trace, observer.samples, results, base_ids, t0, t_load_end
+                sim, cloud, trace, observer.samples, results, base_ids, t0, t_load_end, durations
             )
     finally:
         if observer is not None:
@@ -505,6 +523,7 @@ def simulator_check(
     base_ids: Mapping[str, set[str]],
     t0: float,
     t_load_end: float,
+    durations: Mapping[str, list[float]] | None = None,
 ) -> dict[str, Any]:
     """Simulate ``trace`` with :mod:`cluster.cost` under the lane's Serve config (its fast
     autoscaling settings included) and its node idle timeout, with the timings the lane
@@ -515,7 +534,7 @@ def simulator_check(
 
     good = [s for s in samples if "error" not in s]
     duration = max(trace.duration_s, math.ceil(good[-1]["t"] - t0) + 1)
-    inputs = calibrate(samples, results, base_ids)
+    inputs = calibrate(samples, results, base_ids, durations)
     deployments = serve_deployments(sim_config, inputs["service_s"], inputs["replica_start_s"])
     names = [d.name for d in deployments]
     groups = kuberay_cluster(sim_config, cloud, IDLE_TIMEOUT_MINUTES * 60, inputs["node_start_s"])
@@ -703,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--latency-s",
         type=float,
-        default=8.0,
+        default=16.0,
         help="with --replay and no --trace: the step's rate is the clients / this latency",
     )
     parser.add_argument("--out", type=Path, required=True)

@@ -111,3 +111,32 @@ def test_compare_totals():
     }
     assert check["nodes_total"]["rel_err"] == pytest.approx((7 - 7) / 7)
     assert check["pools"]["gpu"]["mae"] == pytest.approx(2 / 4)
+
+
+def test_replica_durations_from_the_access_logs(tmp_path):
+    from datetime import datetime
+
+    from cluster.simulate import replica_durations
+
+    serve = tmp_path / "serve"
+    serve.mkdir()
+    (serve / "replica_app_LLM_abc.log").write_text(
+        "INFO 2026-12-02 15:58:27,173 app_LLM abc r1 -- CALL invoke OK 23.1ms\n"
+        "INFO 2026-12-02 15:58:29,000 app_LLM abc r2 -- CALL invoke ERROR 1500ms\n"
+        "INFO 2026-12-02 15:58:29,500 app_LLM abc -- Started replica\n"
+        "INFO 2026-12-02 15:58:20,000 app_LLM abc r0 -- CALL invoke OK 9.0ms\n"  # before
+    )
+    (serve / "replica_app_Codegen_x.log").write_text(
+        "INFO 2026-12-02 15:58:28,000 app_Codegen x r3 -- CALL invoke OK 7.0ms\n"
+    )
+    since = datetime(2026, 12, 2, 15, 58, 25).timestamp()
+    assert replica_durations(tmp_path, "app", "LLM", since) == pytest.approx([0.0231, 1.5])
+
+
+def test_calibrate_prefers_the_replicas_own_durations():
+    samples = [sample(0.0, {"LLM": [("a", "RUNNING", "n1")]})]
+    results = [{"deployment": "LLM", "t0": 0.0, "t1": 80.0, "status": 200}]
+    got = calibrate(samples, results, {"LLM": {"a"}}, {"LLM": [10.0, 20.0], "SAM": []})
+    # queueing in front of the replica is not a slot held: the replica's 15 s, not 80 s
+    assert got["service_s"] == {"LLM": 15.0, "Ingress": 80.0}
+    assert got["replica_start_s"] == {} and got["node_start_s"] == {}
