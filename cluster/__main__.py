@@ -237,7 +237,7 @@ def _cost(args: argparse.Namespace) -> int:
         parse_mix,
         parse_seconds,
     )
-    from .pools import POOLS
+    from .pools import POOLS, UnpinnedError
     from .render import PROD_CONFIG, RenderError, load_config
 
     try:
@@ -270,7 +270,7 @@ def _cost(args: argparse.Namespace) -> int:
             return [*results, simulate_modal(classes, t, prices)]
 
         cmp = Comparison(trace, simulate(trace))
-    except (CostInputError, RenderError) as e:
+    except (CostInputError, RenderError, UnpinnedError) as e:
         print(f"cost: {e}", file=sys.stderr)
         return 2
     print(

@@ -1,10 +1,11 @@
 """Autoscaling, simulated for real: the production graph's resource shape on a fake
 multi-node Ray cluster whose node types are the pools, with Ray's own autoscaler.
 
-One run of ``python -m cluster.simulate`` (start the cluster, deploy through the REST API
-KubeRay uses, apply a load step to every model service, watch until everything is back at
-its minimum); the tests assert on its report. Uses Ray's private fake_multinode provider:
-tested with ray==2.60.0 only.
+One run of ``python -m cluster.simulate --replay`` (start the cluster, deploy through the
+REST API KubeRay uses, send a load step to every model service open-loop, watch until
+everything is back at its minimum, then simulate the same trace with ``cluster.cost``);
+the tests assert on its report. Uses Ray's private fake_multinode provider: tested with
+ray==2.60.0 only.
 """
 
 from __future__ import annotations
@@ -32,7 +33,16 @@ def report(tmp_path_factory) -> dict:
     workdir = tmp_path_factory.mktemp("simulation")
     out = workdir / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.simulate", "--workdir", str(workdir), "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "cluster.simulate",
+            "--replay",
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -86,3 +96,25 @@ def test_replicas_and_nodes_come_back_down(report):
         assert report["deployments"][name]["final_replicas"] == lo, name
     for pool, n in report["min_nodes"].items():
         assert report["pools"][pool]["final_nodes"] == n, (pool, report["pools"][pool])
+
+
+# The cost simulator against the lane (report["check"], cluster/sim_check.py). Bounds from
+# measured runs (BENCHMARKS.md "cost_check"), with headroom for this shared 2-core box:
+# see the comment at each.
+MAX_TOTAL_ERROR = 0.35  # replica-seconds and node-seconds, relative
+MAX_MEAN_MAE = 0.75  # replicas (nodes) off per second, mean over the series
+
+
+def test_the_cost_simulator_follows_the_lane(report):
+    check = report["check"]
+    for kind in ("replicas_total", "nodes_total"):
+        total = check[kind]
+        assert abs(total["rel_err"]) <= MAX_TOTAL_ERROR, (kind, total)
+        assert total["mean_mae"] <= MAX_MEAN_MAE, (kind, total)
+    # Every deployment under load scales up in both, and the simulator does not scale one
+    # that the lane did not (peaks agree within one replica).
+    for plan in report["settings"]["plans"]:
+        r = check["deployments"][plan["deployment"]]
+        assert r["up_s"][0] is not None and r["up_s"][1] is not None, (plan, r)
+    for name, r in check["deployments"].items():
+        assert abs(r["peak"][0] - r["peak"][1]) <= 1, (name, r)

@@ -529,3 +529,12 @@ def test_measured_timings_replace_the_assumptions(prod_config):
     assert fast_cluster.idle_timeout_s == 6.0 and default.idle_timeout_s == 300.0
     assert fast_cluster.node_start_s["a100-80gb"] == 4.0
     assert fast_cluster.node_start_s["cpu"] == default.node_start_s["cpu"]
+
+
+def test_cost_command_refuses_a_config_without_pools(capsys):
+    """config.yaml (the local default) pins no pool: a clear error, not a traceback."""
+    from cluster.__main__ import main
+    from cluster.render import REPO
+
+    assert main(["cost", "--config", str(REPO / "config.yaml"), "--no-break-even"]) == 2
+    assert "cost: CPU replica without a pool pin" in capsys.readouterr().err
