@@ -99,10 +99,14 @@ def test_replicas_and_nodes_come_back_down(report):
 
 
 # The cost simulator against the lane (report["check"], cluster/sim_check.py). Bounds from
-# measured runs (BENCHMARKS.md "cost_check"), with headroom for this shared 2-core box:
-# see the comment at each.
-MAX_TOTAL_ERROR = 0.35  # replica-seconds and node-seconds, relative
-MAX_MEAN_MAE = 0.75  # replicas (nodes) off per second, mean over the series
+# measured runs (BENCHMARKS.md "cost_check", and one more on 2026-12-02): replica-seconds
+# off by +2%, -4%, +2% and node-seconds by -0%, -8%, +5%; mean MAE 0.18-0.32 replicas and
+# 0.44-0.68 nodes. A run where the box could not keep up with the step (twice the rate:
+# requests queued for a minute in front of the replicas) was off by +13% / +17%. The bounds
+# leave ~3x the normal runs' error for this shared 2-core box: a run past them means the
+# simulator no longer follows Serve or the node autoscaler, not noise.
+MAX_TOTAL_ERROR = 0.25  # replica-seconds and node-seconds, relative
+MAX_MEAN_MAE = {"replicas_total": 0.6, "nodes_total": 1.0}  # per second, mean over series
 
 
 def test_the_cost_simulator_follows_the_lane(report):
@@ -110,7 +114,7 @@ def test_the_cost_simulator_follows_the_lane(report):
     for kind in ("replicas_total", "nodes_total"):
         total = check[kind]
         assert abs(total["rel_err"]) <= MAX_TOTAL_ERROR, (kind, total)
-        assert total["mean_mae"] <= MAX_MEAN_MAE, (kind, total)
+        assert total["mean_mae"] <= MAX_MEAN_MAE[kind], (kind, total)
     # Every deployment under load scales up in both, and the simulator does not scale one
     # that the lane did not (peaks agree within one replica).
     for plan in report["settings"]["plans"]:
