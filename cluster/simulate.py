@@ -281,13 +281,23 @@ def route_models(trace: Trace, plans: list[LoadPlan]) -> dict[str, LoadPlan]:
     return out
 
 
-def step_trace(plans: list[LoadPlan], load_s: int, latency_s: float) -> Trace:
+# Seconds one chat request (256 tokens) is expected to take per model service under the
+# step, on a shared 2-core box: the step's rate is its clients / this (Little's law). The
+# Detector's smoke VL engine batches 8 and answers in ~5 s: 16 s would send it too few to
+# scale (measured slot times: BENCHMARKS.md "cost_check").
+STEP_LATENCY_S = {"Detector": 8.0}
+
+
+def step_trace(
+    plans: list[LoadPlan], load_s: int, latency_s: float, per_deployment: Mapping[str, float]
+) -> Trace:
     """A load step: for ``load_s`` seconds, each plan's deployment gets
-    ``concurrency / latency_s`` requests a second (Little's law: that many requests are
-    ongoing when one takes ``latency_s``), then nothing."""
+    ``concurrency / latency`` requests a second (Little's law: that many requests are
+    ongoing when one takes ``latency``: ``per_deployment``'s, else ``latency_s``), then
+    nothing."""
     arrivals = {}
     for p in plans:
-        rate = p.concurrency / latency_s
+        rate = p.concurrency / per_deployment.get(p.deployment, latency_s)
         counts = [math.floor(rate * (k + 1)) - math.floor(rate * k) for k in range(load_s)]
         arrivals[p.deployment] = counts
     return Trace(f"step {load_s} s", load_s, arrivals)
@@ -445,7 +455,7 @@ def run(
     app_name = sim["applications"][0]["name"]
     plans = load_plans(sim, scale_by, headroom)
     if replay and trace is None:
-        trace = step_trace(plans, round(load_s), latency_s)
+        trace = step_trace(plans, round(load_s), latency_s, STEP_LATENCY_S)
     routes = route_models(trace, plans) if replay and trace is not None else None
     pool_of = {d.name: g.pool.name for g in groups for d in g.deployments}
     min_nodes = {g.pool.name: g.min_nodes for g in groups}
@@ -723,7 +733,8 @@ def main(argv: list[str] | None = None) -> int:
         "--latency-s",
         type=float,
         default=16.0,
-        help="with --replay and no --trace: the step's rate is the clients / this latency",
+        help="with --replay and no --trace: the step's rate is the clients / this latency "
+        f"(except {STEP_LATENCY_S})",
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)

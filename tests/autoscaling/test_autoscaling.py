@@ -19,6 +19,9 @@ import pytest
 pytestmark = pytest.mark.autoscaling
 
 RAY_TESTED = "2.60.0"
+# Long enough for a replica that Serve adds during the step to start (tens of seconds on
+# this box) and serve part of it.
+LOAD_S = 90
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,8 @@ def report(tmp_path_factory) -> dict:
             "-m",
             "cluster.simulate",
             "--replay",
+            "--load-s",
+            str(LOAD_S),
             "--workdir",
             str(workdir),
             "--out",

@@ -102,3 +102,22 @@ def test_session_pids_finds_only_that_session():
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert session_pids(proc.pid) == []
+
+
+def test_the_replayed_step_keeps_the_plans_ongoing(prod_config):
+    """Little's law: rate = clients / expected latency, per deployment; routes name them."""
+    from cluster.cost_inputs import CostInputError, Trace
+    from cluster.simulate import route_models, step_trace
+
+    plans = load_plans(prod_config)
+    trace = step_trace(plans, 10, 16.0, {"Detector": 8.0})
+    assert trace.duration_s == 10
+    assert sum(trace.arrivals["LLM"]) == 96 * 10 // 16  # 6 req/s
+    assert sum(trace.arrivals["Detector"]) == 8 * 10 // 8  # 1 req/s
+    assert trace.arrivals["Codegen"] == [0, 1] * 5  # 0.5 req/s, whole requests
+    by_route = route_models(trace, plans)
+    assert by_route["LLM"].model == "qwen2.5-7b-instruct"
+    chat = route_models(Trace("t", 1, {"chat": [1]}), plans)
+    assert chat["chat"].deployment == "LLM"
+    with pytest.raises(CostInputError, match="one model deployment per route"):
+        route_models(Trace("t", 1, {"ground": [1]}), plans)
