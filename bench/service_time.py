@@ -170,7 +170,8 @@ def body(rows: Sequence[Sequence[Any]], n: int, concurrency: int) -> str:
         f"a request used of its replicas: a batched engine's steps are split equally across "
         f"the rows in them (`serve_apps/service_time.py`); CPU is the process's, all "
         f"threads; SAM's encoder micro-batches are not split, so at concurrency its wall "
-        f"times overlap (each counts the batch it waited in). Requests: chat 64 tokens greedy; generate 128 tokens under the bench's "
+        f"times overlap (each counts the batch it waited in). Requests: chat 64 tokens "
+        f"greedy; generate 128 tokens under the bench's "
         f"JSON schema; detect 2 categories, segment 2 boxes, ground a 7-word caption, on a "
         f"320x240 image. Load average {one:.1f} (1 min) / {five:.1f} (5 min) on "
         f"{os.cpu_count()} shared cores.\n\n" + table(header, rows)
