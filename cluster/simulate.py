@@ -283,9 +283,10 @@ def route_models(trace: Trace, plans: list[LoadPlan]) -> dict[str, LoadPlan]:
 
 # Seconds one chat request (256 tokens) is expected to take per model service under the
 # step, on a shared 2-core box: the step's rate is its clients / this (Little's law). The
-# Detector's smoke VL engine batches 8 and answers in ~5 s: 16 s would send it too few to
-# scale (measured slot times: BENCHMARKS.md "cost_check").
-STEP_LATENCY_S = {"Detector": 8.0}
+# Detector's smoke VL engine batches 8 and answers in ~5 s: at 16 s it gets too few
+# requests to scale, at 8 s (1.5 req/s) one replica overflows its queue (503) while the
+# second starts (measured: BENCHMARKS.md "cost_check").
+STEP_LATENCY_S = {"Detector": 12.0}
 
 
 def step_trace(

@@ -110,7 +110,7 @@ def test_the_replayed_step_keeps_the_plans_ongoing(prod_config):
     from cluster.simulate import route_models, step_trace
 
     plans = load_plans(prod_config)
-    trace = step_trace(plans, 10, 16.0, {"Detector": 8.0})
+    trace = step_trace(plans, 10, 16.0, {"Detector": 8.0})  # 8 clients / 8 s
     assert trace.duration_s == 10
     assert sum(trace.arrivals["LLM"]) == 96 * 10 // 16  # 6 req/s
     assert sum(trace.arrivals["Detector"]) == 8 * 10 // 8  # 1 req/s
