@@ -104,15 +104,15 @@ def test_replicas_and_nodes_come_back_down(report):
 
 
 # The cost simulator against the lane (report["check"], cluster/sim_check.py). Bounds from
-# measured runs (BENCHMARKS.md "cost_check", 2026-12-02). This test's 90 s step: replica-
-# seconds off by -4%, -3%, node-seconds by -5%, -11%, mean MAE 0.22-0.30 replicas and
-# 0.52-0.63 nodes; a 60 s step: -4%..+2% and -8%..+5%, MAE up to 0.32 / 0.68. A run where
-# the box could not keep up with the step (twice the rate: requests queued for a minute in
-# front of the replicas) was off by +13% / +17%. The bounds leave 2-3x the normal runs'
-# error for this shared 2-core box: a run past them means the simulator no longer follows
-# Serve or the node autoscaler, not noise.
+# measured runs (BENCHMARKS.md "cost_check", 2026-12-02). This test's trace (90 s step):
+# replica-seconds off by -8%, -7%, node-seconds by -12%, -9%, mean MAE 0.24-0.38 replicas
+# and 0.57-0.80 nodes; the same kind of run with other step lengths and Detector rates:
+# -4%..+2% and -11%..+5%. A run where the box could not keep up with the step (twice the
+# rate: requests queued for a minute in front of the replicas) was off by +13% / +17%.
+# The bounds leave about twice the worst normal run's error for this shared 2-core box: a
+# run past them means the simulator no longer follows Serve or the node autoscaler.
 MAX_TOTAL_ERROR = 0.25  # replica-seconds and node-seconds, relative
-MAX_MEAN_MAE = {"replicas_total": 0.6, "nodes_total": 1.0}  # per second, mean over series
+MAX_MEAN_MAE = {"replicas_total": 0.75, "nodes_total": 1.5}  # per second, mean over series
 
 
 def test_the_cost_simulator_follows_the_lane(report):
