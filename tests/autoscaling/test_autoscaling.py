@@ -72,12 +72,20 @@ def test_every_replica_lands_on_its_pool(report):
 
 
 def test_serve_scales_up_under_load_and_the_new_replica_serves(report):
+    served = []
     for plan in report["settings"]["plans"]:
         d = report["deployments"][plan["deployment"]]
         assert d["peak_running"] > d["baseline_replicas"], plan
         assert d["upscale_decision_s"] is not None, plan
-        assert d["extra_replica_serving_s"] is not None, f"{plan}: no new replica served"
         assert d["ok"] > 0 and d["errors"] == [], plan
+        # The step is open-loop: a new replica RUNNING while it lasted must have served;
+        # one whose start took longer than the step (minutes on a loaded box) had nothing
+        # left to serve.
+        running = d["extra_replica_running_s"]
+        if running is not None and running < report["load_duration_s"]:
+            assert d["extra_replica_serving_s"] is not None, f"{plan}: no new replica served"
+        served += [plan["deployment"]] if d["extra_replica_serving_s"] is not None else []
+    assert served, "no deployment's new replica served"
 
 
 def test_scale_from_zero_where_min_is_zero(report):
