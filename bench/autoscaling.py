@@ -3,6 +3,12 @@ serving, and from the end of the load to scale-down, on the fake multi-node clus
 node types are the pools (see cluster/simulate.py), with the settings used.
 
     python -m bench.autoscaling [--load-s 60] [--cloud gke]
+    python -m bench.autoscaling --check [--runs 2]     # the cost simulator vs the lane
+    python -m bench.autoscaling --check --report r1.json --report r2.json   # from reports
+
+``--check`` replays a load step open-loop (``cluster.simulate --replay``), simulates the
+same trace with ``cluster.cost`` and writes the error of the simulated replica and node
+timelines (section ``cost_check``).
 
 Runs `python -m cluster.simulate` once (a few minutes) and writes its section of
 BENCHMARKS.md. Uses Ray's private fake_multinode provider: measured with ray==2.60.0.
@@ -123,11 +129,101 @@ shared 2-core machine, so they vary from run to run.
 """.strip()
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.0%}"
+
+
+def check_body(reports: list[dict[str, Any]]) -> str:
+    """The cost simulator against the lane, one row per run and series."""
+    rows = []
+    totals = []
+    for i, report in enumerate(reports, start=1):
+        check = report["check"]
+        for kind in ("deployments", "pools"):
+            for name, r in check[kind].items():
+                if r["peak"][0] == r["start"][0] and r["peak"][1] == r["start"][1]:
+                    continue  # flat in both: nothing to compare
+                rows.append(
+                    [
+                        i,
+                        name,
+                        f"{r['real_unit_s']} / {r['sim_unit_s']}",
+                        _pct(r["rel_err"]),
+                        f"{r['mae']:.2f}",
+                        "/".join(str(x) for x in r["peak"]),
+                        "/".join("-" if x is None else str(x) for x in r["up_s"]),
+                        "/".join("-" if x is None else str(x) for x in r["back_s"]),
+                    ]
+                )
+        rt, nt = check["replicas_total"], check["nodes_total"]
+        totals.append(
+            f"run {i}: replica-seconds {rt['real_unit_s']} (lane) vs {rt['sim_unit_s']} "
+            f"(simulator), {_pct(rt['rel_err'])}, mean MAE {rt['mean_mae']:.2f} replicas; "
+            f"node-seconds {nt['real_unit_s']} vs {nt['sim_unit_s']}, {_pct(nt['rel_err'])}, "
+            f"mean MAE {nt['mean_mae']:.2f} nodes; inputs measured: service s "
+            + ", ".join(f"{k} {v:.1f}" for k, v in check["inputs"]["service_s"].items())
+            + "; replica start s "
+            + ", ".join(f"{k} {v:.0f}" for k, v in check["inputs"]["replica_start_s"].items())
+            + "; node start s "
+            + ", ".join(f"{k} {v:.1f}" for k, v in check["inputs"]["node_start_s"].items())
+        )
+    trace = reports[0]["settings"]["trace"]
+    rates = ", ".join(f"{r} {sum(c) / len(c):.2f} req/s" for r, c in trace["arrivals"].items())
+    header = [
+        "run",
+        "deployment / pool",
+        "unit-seconds lane / sim",
+        "rel. error",
+        "MAE",
+        "peak lane/sim",
+        "up at s lane/sim",
+        "back at s lane/sim",
+    ]
+    return (
+        f"The production graph's shape on the fake multi-node cluster (as in the autoscaling "
+        f"section), driven open-loop by one trace ({trace['name']}: {rates}, chat "
+        f"completions of `max_tokens` {reports[0]['settings']['max_tokens']}), and the same "
+        f"trace through `cluster/cost.py`'s KubeRay simulation with the same Serve config "
+        f"(the lane's fast autoscaling settings included) and the lane's node idle timeout. "
+        f"The simulator's timings are measured in the same run (`cluster/sim_check.py`): "
+        f"slot time per deployment from the replicas' access logs, replica start and node "
+        f"start from the observed timeline; what is compared is the decisions: replicas per "
+        f"deployment and nodes per pool, second by second, from the load step until the lane "
+        f"is back at its minimum. Series flat in both are left out.\n\n"
+        + table(header, rows)
+        + "\n\n"
+        + "\n".join(f"- {t}" for t in totals)
+    )
+
+
+def _check(args: argparse.Namespace) -> int:
+    reports = [json.loads(Path(p).read_text()) for p in args.report]
+    for _ in range(0 if args.report else args.runs):
+        workdir = Path(tempfile.mkdtemp(prefix="bench-cost-check-"))
+        out = workdir / "report.json"
+        cmd = [sys.executable, "-m", "cluster.simulate", "--replay", "--workdir", str(workdir)]
+        cmd += ["--out", str(out), "--load-s", str(args.load_s), "--cloud", args.cloud]
+        subprocess.run(cmd, check=True)
+        reports.append(json.loads(out.read_text()))
+        print(f"report: {out}")
+    write_section(
+        "cost_check", "The cost simulator against the autoscaling lane", check_body(reports)
+    )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.autoscaling")
     parser.add_argument("--load-s", type=float, default=60.0)
     parser.add_argument("--cloud", choices=["gke", "eks"], default="gke")
+    parser.add_argument("--check", action="store_true", help="the cost simulator vs the lane")
+    parser.add_argument("--runs", type=int, default=1, help="with --check: lane runs")
+    parser.add_argument(
+        "--report", action="append", default=[], help="with --check: a report already made"
+    )
     args = parser.parse_args()
+    if args.check:
+        return _check(args)
     workdir = Path(tempfile.mkdtemp(prefix="bench-autoscaling-"))
     out = workdir / "report.json"
     load_before = os.getloadavg()[0]

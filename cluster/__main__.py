@@ -72,6 +72,27 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=S",
         help="seconds one request holds a slot of deployment NAME (measured: bench/)",
     )
+    cost.add_argument(
+        "--replica-start",
+        action="append",
+        default=[],
+        metavar="NAME=S",
+        help="seconds from placing a replica of NAME on a node that is up to it serving",
+    )
+    cost.add_argument(
+        "--node-start",
+        action="append",
+        default=[],
+        metavar="POOL=S",
+        help="seconds from a node request in POOL to the node joining (KubeRay)",
+    )
+    cost.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="KubeRay's node idle timeout (default: the rendered idleTimeoutSeconds)",
+    )
     cost.add_argument("--cloud", choices=CLOUDS, action="append", help="default: both")
     cost.add_argument("--plot", type=Path, help="write a PNG (needs the `cost` extra)")
     cost.add_argument(
@@ -214,40 +235,42 @@ def _cost(args: argparse.Namespace) -> int:
         load_prices,
         load_trace_csv,
         parse_mix,
+        parse_seconds,
     )
+    from .pools import POOLS, UnpinnedError
     from .render import PROD_CONFIG, RenderError, load_config
 
     try:
-        service_s: dict[str, float] = {}
-        for item in args.service_time:
-            name, sep, value = item.partition("=")
-            try:
-                service_s[name] = float(value)
-            except ValueError:
-                service_s[name] = -1.0
-            if not sep or not service_s[name] > 0:
-                raise CostInputError(f"--service-time {item!r}: give NAME=SECONDS (> 0)")
+        service_s = parse_seconds(args.service_time, "--service-time", positive=True)
+        replica_start_s = parse_seconds(args.replica_start, "--replica-start")
+        node_start_s = parse_seconds(args.node_start, "--node-start", [p.name for p in POOLS])
+        if args.idle_timeout is not None and not args.idle_timeout >= 0:
+            raise CostInputError("--idle-timeout: give seconds (>= 0)")
         prices = load_prices(args.prices).with_node_discount(args.node_discount)
         config = load_config(args.config or PROD_CONFIG)
-        deployments = serve_deployments(config, service_s)
+        deployments = serve_deployments(config, service_s, replica_start_s)
         names = [d.name for d in deployments]
-        unknown = sorted(set(service_s) - set(names))
-        if unknown:
-            raise CostInputError(f"--service-time: no deployment {unknown}; deployments: {names}")
+        for flag, given in (("--service-time", service_s), ("--replica-start", replica_start_s)):
+            unknown = sorted(set(given) - set(names))
+            if unknown:
+                raise CostInputError(f"{flag}: no deployment {unknown}; deployments: {names}")
         if args.trace:
             trace = load_trace_csv(args.trace, [*ROUTES, *names])
         else:
             trace = builtin_trace(args.shape, args.rps, parse_mix(args.mix) if args.mix else None)
         classes = modal_classes(config, service_s)
         clouds = args.cloud or list(CLOUDS)
-        groups = {cloud: kuberay_cluster(config, cloud) for cloud in clouds}
+        groups = {
+            cloud: kuberay_cluster(config, cloud, args.idle_timeout, node_start_s)
+            for cloud in clouds
+        }
 
         def simulate(t: Trace) -> list[TargetResult]:
             results = [simulate_kuberay(deployments, groups[c], t, prices) for c in clouds]
             return [*results, simulate_modal(classes, t, prices)]
 
         cmp = Comparison(trace, simulate(trace))
-    except (CostInputError, RenderError) as e:
+    except (CostInputError, RenderError, UnpinnedError) as e:
         print(f"cost: {e}", file=sys.stderr)
         return 2
     print(

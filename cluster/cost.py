@@ -520,17 +520,27 @@ def simulate_modal(classes: Sequence[ModalClass], trace: Trace, prices: Prices) 
 # --- from a Serve config ------------------------------------------------------------------
 
 
-def _assumption(name: str, overrides: Mapping[str, float]) -> ServiceAssumption:
+def _assumption(
+    name: str, service_s: Mapping[str, float], replica_start_s: Mapping[str, float] | None = None
+) -> ServiceAssumption:
+    """:data:`ASSUMPTIONS` for deployment ``name``, with measured values where given."""
     base = ASSUMPTIONS.get(name, DEFAULT_ASSUMPTION)
-    if name in overrides:
-        return ServiceAssumption(overrides[name], base.replica_start_s, base.memory_gib)
-    return base
+    starts = replica_start_s or {}
+    return ServiceAssumption(
+        service_s.get(name, base.service_s),
+        starts.get(name, base.replica_start_s),
+        base.memory_gib,
+    )
 
 
 def serve_deployments(
-    config: Mapping[str, Any], service_s: Mapping[str, float] | None = None
+    config: Mapping[str, Any],
+    service_s: Mapping[str, float] | None = None,
+    replica_start_s: Mapping[str, float] | None = None,
 ) -> list[ServeDeployment]:
-    """Every deployment of the config's (one) application, with Serve's defaults."""
+    """Every deployment of the config's (one) application, with Serve's defaults.
+    ``service_s`` / ``replica_start_s``: measured seconds per deployment name, in place of
+    :data:`ASSUMPTIONS`."""
     from ray.serve.config import AutoscalingConfig
 
     from .pools import pool_for_options
@@ -540,7 +550,7 @@ def serve_deployments(
     out = []
     for d in resolve_deployments(config).deployments:
         scaling = AutoscalingConfig(**dict(d.autoscaling or {}))
-        a = _assumption(d.name, overrides)
+        a = _assumption(d.name, overrides, replica_start_s)
         fixed = d.autoscaling is None
         initial = d.min_replicas if fixed else (scaling.initial_replicas or d.min_replicas)
         resources = {k: v for k, v in d.resources.items() if k in ("CPU", "GPU")}
@@ -565,17 +575,27 @@ def serve_deployments(
     return out
 
 
-def kuberay_cluster(config: Mapping[str, Any], cloud: Cloud) -> KubeRayCluster:
-    """The worker groups' bounds as rendered (:func:`cluster.render.preflight`)."""
+def kuberay_cluster(
+    config: Mapping[str, Any],
+    cloud: Cloud,
+    idle_timeout_s: float | None = None,
+    node_start_s: Mapping[str, float] | None = None,
+) -> KubeRayCluster:
+    """The worker groups' bounds as rendered (:func:`cluster.render.preflight`).
+    ``idle_timeout_s`` (default: the rendered ``idleTimeoutSeconds``) and ``node_start_s``
+    (pool name -> seconds; default :data:`NODE_START_S`) replace the assumed timings."""
     from .render import AUTOSCALER_IDLE_TIMEOUT_S, preflight
 
     groups, _ = preflight(config, cloud)
+    starts = {p.name: NODE_START_S["gpu" if p.is_gpu else "cpu"] for p in POOLS}
+    starts.update(node_start_s or {})
+    idle = AUTOSCALER_IDLE_TIMEOUT_S if idle_timeout_s is None else idle_timeout_s
     return KubeRayCluster(
         cloud=cloud,
         min_nodes={g.pool.name: g.min_nodes for g in groups},
         max_nodes={g.pool.name: g.max_nodes for g in groups},
-        idle_timeout_s=float(AUTOSCALER_IDLE_TIMEOUT_S),
-        node_start_s={p.name: NODE_START_S["gpu" if p.is_gpu else "cpu"] for p in POOLS},
+        idle_timeout_s=float(idle),
+        node_start_s=starts,
         head_instance=CPU_POOL.shape(cloud).instance_type,
     )
 

@@ -278,6 +278,28 @@ def load_trace_csv(path: Path, routes: Sequence[str] | None = None) -> Trace:
     return parse_trace_csv(text, routes, name=str(path))
 
 
+def parse_seconds(
+    items: Sequence[str], flag: str, names: Sequence[str] | None = None, positive: bool = False
+) -> dict[str, float]:
+    """``NAME=SECONDS`` options (``--service-time LLM=3.2``) as a dict; ``names``: the
+    names allowed (default: any); seconds must be >= 0 (> 0 with ``positive``)."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        ok = seconds > 0 if positive else seconds >= 0
+        if not sep or not name or not ok or not math.isfinite(seconds):
+            bound = "> 0" if positive else ">= 0"
+            raise CostInputError(f"{flag} {item!r}: give NAME=SECONDS ({bound})")
+        if names is not None and name not in names:
+            raise CostInputError(f"{flag}: no {name!r}; one of: {', '.join(names)}")
+        out[name] = seconds
+    return out
+
+
 def _integerize(rates: Sequence[float]) -> list[int]:
     """Whole requests per second whose running sum follows the running sum of ``rates``."""
     out, total, sent = [], 0.0, 0

@@ -9,7 +9,9 @@ deploys, keeping what decides scheduling and scaling (every deployment's
 - every model service's model to the embedded smoke model on the CPU (a service config
   whose ``model`` is null serves the smoke model; generic over ``AppArgs`` fields);
 - the autoscaling delays to :data:`FAST_AUTOSCALING` (seconds instead of minutes);
-- HTTP: the proxy on the head only (fake nodes share one IP), on a free local port.
+- HTTP: the proxy on the head only (fake nodes share one IP), on a free local port;
+- the front door: auth and rate limits off (no key exists here; a limit would refuse the
+  load).
 
 :func:`run` starts the cluster, deploys through the dashboard's REST API (what KubeRay
 does with ``serveConfigV2``), applies a load step to every model service, and records a
@@ -39,6 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .cost_inputs import Trace
 from .pools import POOLS, Cloud
 
 # Seconds instead of minutes. metrics_interval_s is deprecated but is what sets the metrics
@@ -90,6 +93,12 @@ def simulation_config(prod: Mapping[str, Any], http_port: int, cache_dir: str) -
     cfg["http_options"] = {"host": "127.0.0.1", "port": http_port}
     for app in cfg.get("applications") or []:
         app["args"] = smoke_args(app.get("import_path"), app.get("args"))
+        # The front door is not what this measures: no API keys exist here (the key file
+        # is a Kubernetes Secret), and a per-key limit would refuse the load.
+        if "auth" in app["args"]:
+            app["args"]["auth"] = {"enabled": False}
+        if "rate_limits" in app["args"]:
+            app["args"]["rate_limits"] = {}
         env = app.setdefault("runtime_env", {}).setdefault("env_vars", {})
         env.update(SERVE_APPS_CACHE_DIR=cache_dir, OMP_NUM_THREADS="1")
         for d in app.get("deployments") or []:
@@ -151,7 +160,7 @@ class Observer:
         from ray.util.state import list_nodes
 
         t = time.time()
-        nodes = {}
+        nodes: dict[str, str] = {}
         for n in list_nodes(
             address=self.url, detail=True, limit=1000, raise_on_missing_output=False
         ):
@@ -182,6 +191,7 @@ class Observer:
             "t": t,
             "app_status": app.get("status"),
             "pools": pools,
+            "nodes": {k: v for k, v in nodes.items() if v != "head"},
             "deployments": deployments,
         }
 
@@ -253,6 +263,91 @@ async def _load(
     return results
 
 
+def route_models(trace: Trace, plans: list[LoadPlan]) -> dict[str, LoadPlan]:
+    """The load plan (deployment, model) each route of ``trace`` sends chat completions to:
+    a route that names one model deployment (``LLM``, or ``chat`` for the LLM)."""
+    from .cost_inputs import CostInputError, resolve_route
+
+    by_name = {p.deployment: p for p in plans}
+    out = {}
+    for route in trace.arrivals:
+        targets = resolve_route(route, list(by_name))
+        if len(targets) != 1 or targets[0] not in by_name:
+            raise CostInputError(
+                f"the lane replays chat completions to one model deployment per route; "
+                f"{route!r} -> {targets}; model deployments: {sorted(by_name)}"
+            )
+        out[route] = by_name[targets[0]]
+    return out
+
+
+# Seconds one chat request (256 tokens) is expected to take per model service under the
+# step, on a shared 2-core box: the step's rate is its clients / this (Little's law). The
+# Detector's smoke VL engine batches 8 and answers in ~5 s: at 16 s it gets too few
+# requests to scale, at 8 s (1.5 req/s) one replica overflows its queue (503) while the
+# second starts (measured: BENCHMARKS.md "cost_check").
+STEP_LATENCY_S = {"Detector": 12.0}
+
+
+def step_trace(
+    plans: list[LoadPlan], load_s: int, latency_s: float, per_deployment: Mapping[str, float]
+) -> Trace:
+    """A load step: for ``load_s`` seconds, each plan's deployment gets
+    ``concurrency / latency`` requests a second (Little's law: that many requests are
+    ongoing when one takes ``latency``: ``per_deployment``'s, else ``latency_s``), then
+    nothing."""
+    arrivals = {}
+    for p in plans:
+        rate = p.concurrency / per_deployment.get(p.deployment, latency_s)
+        counts = [math.floor(rate * (k + 1)) - math.floor(rate * k) for k in range(load_s)]
+        arrivals[p.deployment] = counts
+    return Trace(f"step {load_s} s", load_s, arrivals)
+
+
+async def _replay(
+    base_url: str, trace: Trace, routes: Mapping[str, LoadPlan], max_tokens: int
+) -> list[dict[str, Any]]:
+    """Open-loop: each second's requests of each route, spread evenly over that second."""
+    import httpx
+
+    results: list[dict[str, Any]] = []
+    schedule = sorted(
+        (k + i / n, route)
+        for route, counts in trace.arrivals.items()
+        for k, n in enumerate(counts)
+        for i in range(n)
+    )
+    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=600.0) as client:
+
+        async def one(plan: LoadPlan, i: int) -> None:
+            t0 = time.time()
+            body = {
+                "model": plan.model,
+                "messages": [{"role": "user", "content": f"trace request {i}"}],
+                "max_tokens": max_tokens,
+                "temperature": 1.0,
+            }
+            try:
+                r = await client.post("/v1/chat/completions", json=body)
+                status: Any = r.status_code
+            except Exception as e:
+                status = repr(e)[:100]
+            results.append(
+                {"deployment": plan.deployment, "t0": t0, "t1": time.time(), "status": status}
+            )
+
+        start = time.time()
+        tasks = []
+        for i, (offset, route) in enumerate(schedule):
+            delay = start + offset - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(routes[route], i)))
+        await asyncio.gather(*tasks)
+    return results
+
+
 # --- logs -----------------------------------------------------------------------------
 
 _CONTROLLER_LINE = re.compile(r"\w+ (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+) controller \d+ -- (.*)")
@@ -289,6 +384,21 @@ def autoscaler_launches(logs: Path) -> list[tuple[float, str]]:
     return out
 
 
+_ACCESS = re.compile(r"\b(?:OK|ERROR) (\d+(?:\.\d+)?)ms")
+
+
+def replica_durations(logs: Path, app: str, deployment: str, since: float) -> list[float]:
+    """Seconds each request (after ``since``) spent in a replica of ``deployment``: its
+    replicas' access-log lines (``CALL invoke OK 1234.5ms``)."""
+    out = []
+    for path in (logs / "serve").glob(f"replica_{app}_{deployment}_*.log"):
+        for line in path.read_text(errors="replace").splitlines():
+            m, ts = _ACCESS.search(line), _LOG_TS.match(line)
+            if m and ts and _ts(ts.group(1)) >= since:
+                out.append(float(m.group(1)) / 1000)
+    return out
+
+
 def first_served(logs: Path, app: str, deployment: str, replica_id: str) -> float | None:
     """When a replica finished its first request (its own access log line), or None."""
     for path in (logs / "serve").glob(f"replica_{app}_{deployment}_{replica_id}*.log"):
@@ -313,8 +423,16 @@ def run(
     deploy_timeout_s: float = 420.0,
     settle_timeout_s: float = 300.0,
     workdir: Path | None = None,
+    replay: bool = False,
+    trace: Trace | None = None,
+    latency_s: float = 16.0,
 ) -> dict[str, Any]:
-    """Start the fake cluster, deploy, load step, observe the way back; return a report."""
+    """Start the fake cluster, deploy, load step, observe the way back; return a report.
+
+    The load is closed-loop clients (:func:`load_plans`), or with ``replay`` a trace sent
+    open-loop (``trace``, default :func:`step_trace` with ``latency_s``); a replayed trace
+    is also simulated by :mod:`cluster.cost` and the two timelines compared (the report's
+    ``check``, :mod:`cluster.sim_check`)."""
     from serve_apps.engines.smoke import smoke_llm_path, smoke_sam_checkpoint, smoke_vl_path
 
     from .fake_cluster import FakeCluster, cluster_groups
@@ -337,6 +455,9 @@ def run(
     sim = simulation_config(prod_config, cluster.http_port, str(cache_dir))
     app_name = sim["applications"][0]["name"]
     plans = load_plans(sim, scale_by, headroom)
+    if replay and trace is None:
+        trace = step_trace(plans, round(load_s), latency_s, STEP_LATENCY_S)
+    routes = route_models(trace, plans) if replay and trace is not None else None
     pool_of = {d.name: g.pool.name for g in groups for d in g.deployments}
     min_nodes = {g.pool.name: g.min_nodes for g in groups}
     bounds = {d.name: (d.min_replicas, d.max_replicas) for g in groups for d in g.deployments}
@@ -353,6 +474,11 @@ def run(
             "max_tokens": max_tokens,
             "headroom": headroom,
             "plans": [p.__dict__ for p in plans],
+            "trace": (
+                {"name": trace.name, "duration_s": trace.duration_s, "arrivals": trace.arrivals}
+                if routes is not None and trace is not None
+                else None
+            ),
         },
         "pool_of": pool_of,
         "bounds": bounds,
@@ -373,20 +499,72 @@ def run(
         base_ids = {name: {r["id"] for r in all_replicas(baseline, name)} for name in bounds}
         observer.start()
         t0 = time.time()
-        results = asyncio.run(
-            _load(f"http://127.0.0.1:{cluster.http_port}", plans, load_s, max_tokens, 20000)
-        )
-        t_load_end = time.time()
+        url = f"http://127.0.0.1:{cluster.http_port}"
+        if routes is not None and trace is not None:
+            results = asyncio.run(_replay(url, trace, routes, max_tokens))
+            t_load_end = t0 + trace.duration_s
+        else:
+            results = asyncio.run(_load(url, plans, load_s, max_tokens, 20000))
+            t_load_end = time.time()
         _wait_back(observer, bounds, min_nodes, settle_timeout_s)
         observer.stop()
         report.update(
             _analyse(observer.samples, results, cluster.logs, app_name, base_ids, t0, t_load_end)
         )
+        if routes is not None and trace is not None:
+            durations = {
+                name: replica_durations(cluster.logs, app_name, name, t0) for name in bounds
+            }
+            report["check"] = simulator_check(
+                sim, cloud, trace, observer.samples, results, base_ids, t0, t_load_end, durations
+            )
     finally:
         if observer is not None:
             observer.stop()
         cluster.stop()
     return report
+
+
+def simulator_check(
+    sim_config: Mapping[str, Any],
+    cloud: Cloud,
+    trace: Trace,
+    samples: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    base_ids: Mapping[str, set[str]],
+    t0: float,
+    t_load_end: float,
+    durations: Mapping[str, list[float]] | None = None,
+) -> dict[str, Any]:
+    """Simulate ``trace`` with :mod:`cluster.cost` under the lane's Serve config (its fast
+    autoscaling settings included) and its node idle timeout, with the timings the lane
+    measured; compare replica and node timelines (:func:`cluster.sim_check.compare`)."""
+    from .cost import kuberay_cluster, serve_deployments, simulate_kuberay
+    from .cost_inputs import load_prices
+    from .sim_check import calibrate, compare, lane_timelines
+
+    good = [s for s in samples if "error" not in s]
+    duration = max(trace.duration_s, math.ceil(good[-1]["t"] - t0) + 1)
+    inputs = calibrate(samples, results, base_ids, durations)
+    deployments = serve_deployments(sim_config, inputs["service_s"], inputs["replica_start_s"])
+    names = [d.name for d in deployments]
+    groups = kuberay_cluster(sim_config, cloud, IDLE_TIMEOUT_MINUTES * 60, inputs["node_start_s"])
+    padded = Trace(
+        trace.name,
+        duration,
+        {r: [*v, *[0] * (duration - len(v))] for r, v in trace.arrivals.items()},
+    )
+    result = simulate_kuberay(deployments, groups, padded, load_prices())
+    sim_replicas = {line.name: line.timeline for line in result.lines if line.name in names}
+    pools = sorted(set(result.nodes))
+    real_replicas, real_nodes = lane_timelines(samples, t0, duration, names, pools)
+    check = compare(real_replicas, sim_replicas, real_nodes, result.nodes, round(t_load_end - t0))
+    check["inputs"] = inputs
+    check["timelines"] = {
+        "lane": {"replicas": real_replicas, "nodes": real_nodes},
+        "sim": {"replicas": sim_replicas, "nodes": result.nodes},
+    }
+    return check
 
 
 def _deploy(observer: Observer, config: Mapping[str, Any], timeout_s: float) -> None:
@@ -546,19 +724,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-by", type=int, default=1)
     parser.add_argument("--headroom", type=float, default=1.5)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--replay",
+        action="store_true",
+        help="send a trace open-loop and compare with python -m cluster cost's simulation",
+    )
+    parser.add_argument("--trace", type=Path, help="with --replay: CSV timestamp,route,count")
+    parser.add_argument(
+        "--latency-s",
+        type=float,
+        default=16.0,
+        help="with --replay and no --trace: the step's rate is the clients / this latency "
+        f"(except {STEP_LATENCY_S})",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    config = load_config(args.config)
+    trace = None
+    if args.trace:
+        from .cost_inputs import ROUTES, load_trace_csv
+
+        names = [d["name"] for app in config["applications"] for d in app.get("deployments") or []]
+        trace = load_trace_csv(args.trace, [*ROUTES, *names])
     report = run(
-        load_config(args.config),
+        config,
         cloud=args.cloud,
         load_s=args.load_s,
         max_tokens=args.max_tokens,
         scale_by=args.scale_by,
         headroom=args.headroom,
         workdir=args.workdir,
+        replay=args.replay or trace is not None,
+        trace=trace,
+        latency_s=args.latency_s,
     )
     args.out.write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps({k: v for k, v in report.items() if k in ("deployments", "pools")}, indent=1))
+    if "check" in report:
+        from .sim_check import format_check
+
+        print("lane vs python -m cluster cost (same trace, config, settings):")
+        print(format_check(report["check"]))
     return 0
 
 

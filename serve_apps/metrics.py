@@ -106,6 +106,13 @@ IMAGE_FETCH_FAILURES = Metric(
     "image_url fetches that failed, by reason (the error code)",
     ("reason",),
 )
+SERVICE_TIME = Metric(
+    "serve_apps_service_seconds",
+    "histogram",
+    "what one request used of its service's replica (serve_apps.service_time): clock=wall "
+    "seconds or clock=cpu process CPU seconds; a batched engine's steps split across rows",
+    ("service", "clock"),
+)
 
 METRICS = (
     REQUESTS,
@@ -121,6 +128,7 @@ METRICS = (
     CONSTRAINT_CACHE,
     SAM_EMBEDDING_CACHE,
     IMAGE_FETCH_FAILURES,
+    SERVICE_TIME,
 )
 
 

@@ -207,6 +207,8 @@ def _replica_class(spec: ServiceSpec[Any, Any]) -> type:
     server_class = spec.server
 
     class Replica(server_class):  # type: ignore[misc, valid-type]
+        service = spec.name  # its name in metrics (serve_apps.service_time)
+
         async def __init__(  # type: ignore[misc]
             self,
             config: dict[str, Any],

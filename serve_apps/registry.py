@@ -95,7 +95,9 @@ class ServiceSpec(Generic[C, K]):
         """A (not yet started) server for ``config`` (the config model or its JSON)."""
         if not isinstance(config, BaseModel):
             config = self.config_type.model_validate(config)
-        return self.server(config, **kwargs)
+        server = self.server(config, **kwargs)
+        server.service = self.name  # its name in metrics (serve_apps.service_time)
+        return server
 
 
 LLM = ServiceSpec(

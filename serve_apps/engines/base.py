@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 from ..errors import ContextLengthError, DeadlineExceededError
 from ..request_context import current
+from ..service_time import ServiceShare
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -150,6 +151,8 @@ class GenerationOutput:
     """A delta of generated text (or, from ``generate_full``, the whole of it).
 
     ``logprobs`` (when the request asked for them) has one entry per id in ``token_ids``.
+    ``service`` (the last output only, from engines that measure it): the request's share
+    of the engine's steps (:mod:`serve_apps.service_time`).
     """
 
     text: str
@@ -159,6 +162,7 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     constraint_satisfied: bool | None = None
     logprobs: list[TokenLogprob] | None = None
+    service: ServiceShare | None = None
 
     @classmethod
     def join(cls, outputs: Sequence[GenerationOutput]) -> GenerationOutput:
@@ -177,6 +181,7 @@ class GenerationOutput:
                 if last.logprobs is not None
                 else None
             ),
+            service=last.service,
         )
 
 

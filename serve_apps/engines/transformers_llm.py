@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import metrics
 from ..errors import EngineError, OverloadedError, ServeAppError
+from ..service_time import ServiceShare, StepTimer
 from .adapters import AdapterSource, PeftAdapters, unknown_adapter
 from .base import (
     FinishReason,
@@ -131,6 +132,8 @@ class _Sequence:
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     done: bool = False
     cancelled: bool = False
+    share: ServiceShare = field(default_factory=ServiceShare)  # of the steps it was in
+    final: GenerationOutput | None = None  # its last output, until the step is charged
 
     def emit(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
@@ -480,6 +483,7 @@ class TransformersEngine(TokenizedEngine):
         if new and self._adapters is not None:
             new = self._admit_adapters(new)
         if new:
+            timer = StepTimer()
             try:
                 self._prefill(new)
             except Exception as e:
@@ -487,15 +491,27 @@ class TransformersEngine(TokenizedEngine):
                 # (e.g. out of memory on a large image batch): only the new rows fail.
                 logger.exception("prefill failed; failing its %d new requests", len(new))
                 self._fail(new, e)
+            self._charge(timer, new)
             self._flush()  # first tokens out now, not after the decode step
         if self._active:
+            timer, batch = StepTimer(), list(self._active)
             try:
                 self._decode_step()
             except Exception as e:
                 logger.exception("decode step failed; failing the running batch")
                 self._fail(self._active, e)
                 self._active, self._cache, self._attn = [], None, None
+            self._charge(timer, batch)
             self._flush()
+
+    @staticmethod
+    def _charge(timer: StepTimer, rows: list[_Sequence]) -> None:
+        """The step's time split equally across its rows (:mod:`serve_apps.service_time`);
+        a row that finished in it gets its total on its last output (not yet flushed)."""
+        timer.split(rows)
+        for s in rows:
+            if s.final is not None and s.final.service is None:
+                s.final.service = ServiceShare(s.share.wall_s, s.share.cpu_s)
 
     def _flush(self) -> None:
         """Hand the step's deltas to their event loops: one wake-up per loop and step
@@ -839,19 +855,17 @@ class TransformersEngine(TokenizedEngine):
         delta = s.text[s.sent_chars : upto]
         if delta or finish is not None:
             s.sent_chars = upto
-            self._outbox.append(
-                (
-                    s,
-                    GenerationOutput(
-                        text=delta,
-                        token_ids=s.unsent_ids,
-                        prompt_tokens=len(s.prompt_ids),
-                        completion_tokens=len(s.generated),
-                        finish_reason=finish,
-                        constraint_satisfied=satisfied,
-                        logprobs=s.unsent_logprobs if sp.logprobs is not None else None,
-                    ),
-                )
+            out = GenerationOutput(
+                text=delta,
+                token_ids=s.unsent_ids,
+                prompt_tokens=len(s.prompt_ids),
+                completion_tokens=len(s.generated),
+                finish_reason=finish,
+                constraint_satisfied=satisfied,
+                logprobs=s.unsent_logprobs if sp.logprobs is not None else None,
             )
+            if finish is not None:
+                s.final = out
+            self._outbox.append((s, out))
             s.unsent_ids = []
             s.unsent_logprobs = []

@@ -82,6 +82,15 @@ def _service_times(timings: dict[str, float], stage: str, measured: dict[str, fl
             timings[f"{stage}_{key}"] = measured[key]
 
 
+def _total_service(timings: dict[str, float], extra_wall_ms: float = 0.0) -> None:
+    """The request's service time: the sum of its calls' (``<stage>_service`` and
+    ``<stage>_service_cpu``), plus ``extra_wall_ms`` of calls timed only by the caller."""
+    stages = [k for k in timings if k.endswith("_service")]
+    if stages or extra_wall_ms:
+        timings["service"] = round(sum(timings[k] for k in stages) + extra_wall_ms, 3)
+        timings["service_cpu"] = round(sum(timings.get(f"{k}_cpu", 0.0) for k in stages), 3)
+
+
 class VisionPipelines:
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
@@ -142,6 +151,7 @@ class VisionPipelines:
                     target = overlay.boxes if shape.type == "box" else overlay.points
                     target.append((category, _flat(shape)))
             visualization = await self._overlay(image, overlay, timings)
+        _total_service(timings)
         timings["total"] = elapsed_ms(t_start)
         return DetectResponse(
             model=result.model,
@@ -233,6 +243,7 @@ class VisionPipelines:
                 polygons=[(r.category or f"box {i}", r.polygons) for i, r in enumerate(results)],
             )
             visualization = await self._overlay(image, overlay, timings)
+        _total_service(timings)
         timings["total"] = elapsed_ms(t_start)
         return SegmentResponse(
             image_size=image.size,
@@ -264,6 +275,7 @@ class VisionPipelines:
             if encode.done() and not encode.cancelled() and encode.exception() is None:
                 encoded, _ = encode.result()
                 encode_ms = max(encode_ms, encoded.timings_ms.get("encode", 0.0))
+                _service_times(timings, "encode", encoded.timings_ms)
             else:
                 # The masks are here, so the head start is of no more use: waiting for it
                 # would wait for a whole encoder pass when it went to another replica. A
@@ -322,6 +334,7 @@ class VisionPipelines:
                 overlay.boxes.extend((a.phrase, b) for b in a.boxes)
                 overlay.polygons.extend((a.phrase, m.polygons) for m in a.masks)
             visualization = await self._overlay(image, overlay, timings)
+        _total_service(timings, timings.get("phrases", 0.0))
         timings["total"] = elapsed_ms(t_start)
         if not found:
             notes.append("the caption has no noun phrases")

@@ -42,6 +42,7 @@ from ..schemas.openai import (
     TopLogprob,
 )
 from ..schemas.openai import TokenLogprob as WireTokenLogprob
+from ..service_time import EngineCall, ServiceClock
 from ..tools import parse_calls, tool_grammar, tool_prompt
 
 T = TypeVar("T")
@@ -236,6 +237,8 @@ class LLMServer:
     """
 
     config_type: ClassVar[type[ModelConfig]] = ModelConfig
+    # The deployment's name in metrics (ServiceSpec.build sets it: LLM, Codegen, ...).
+    service: str = "LLM"
 
     def __init__(
         self,
@@ -388,11 +391,21 @@ class LLMServer:
             adapter=self._adapter(req.model),
         )
 
+    async def _generate_all(
+        self, clock: ServiceClock, gens: Sequence[GenerationRequest]
+    ) -> list[GenerationOutput]:
+        """Every request's whole output; the engine's share of them goes on ``clock``."""
+        call = EngineCall()
+        outs = await _all([self._engine.generate_full(g) for g in gens])
+        clock.engine(*call.done(), [o.service for o in outs])
+        return outs
+
     # --------------------------------------------------------------- OpenAI
     async def chat(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        clock = ServiceClock(self.service)
         gen = await self._chat_request(req)
         gens = _copies(gen, req.n)
-        outs = await _all([self._engine.generate_full(g) for g in gens])
+        outs = await self._generate_all(clock, gens)
         choices = []
         for i, out in enumerate(outs):
             message, finish = _tool_message(out, req.tools_active(), gens[i].request_id)
@@ -405,6 +418,7 @@ class LLMServer:
                     constraint_satisfied=out.constraint_satisfied,
                 )
             )
+        clock.finish()
         return ChatCompletionResponse(
             id=f"chatcmpl-{gen.request_id}",
             created=int(time.time()),
@@ -436,6 +450,7 @@ class LLMServer:
         return [_chunked(prepend(f, st), interval) for f, st in zip(firsts, streams, strict=True)]
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
+        clock = ServiceClock(self.service)
         gen = await self._chat_request(req)
         gens = _copies(gen, req.n)
         created, rid = int(time.time()), f"chatcmpl-{gen.request_id}"
@@ -444,6 +459,7 @@ class LLMServer:
         def chunk(choice: ChatChunkChoice) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
+        call = EngineCall()
         streams = await self._started(gens)
         for i in range(len(gens)):
             yield chunk(ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
@@ -480,6 +496,8 @@ class LLMServer:
                     constraint_satisfied=out.constraint_satisfied,
                 )
             )
+        clock.engine(*call.done(), [f.service if f else None for f in finals])
+        clock.finish()
         if req.stream_options and req.stream_options.include_usage:
             done = [f for f in finals if f is not None]
             yield ChatCompletionChunk(
@@ -487,8 +505,10 @@ class LLMServer:
             )
 
     async def completion(self, req: CompletionRequest) -> CompletionResponse:
+        clock = ServiceClock(self.service)
         gen = self._completion_request(req)
-        outs = await _all([self._engine.generate_full(g) for g in _copies(gen, req.n)])
+        outs = await self._generate_all(clock, _copies(gen, req.n))
+        clock.finish()
         return CompletionResponse(
             id=f"cmpl-{gen.request_id}",
             created=int(time.time()),
@@ -507,9 +527,11 @@ class LLMServer:
         )
 
     async def completion_stream(self, req: CompletionRequest) -> AsyncIterator[CompletionResponse]:
+        clock = ServiceClock(self.service)
         gen = self._completion_request(req)
         gens = _copies(gen, req.n)
         created, rid = int(time.time()), f"cmpl-{gen.request_id}"
+        call = EngineCall()
         streams = await self._started(gens)
         finals: list[GenerationOutput | None] = [None] * len(gens)
         offsets = [0] * len(gens)
@@ -531,6 +553,8 @@ class LLMServer:
                 ],
             )
             offsets[i] += sum(len(lp.token) for lp in out.logprobs or ())
+        clock.engine(*call.done(), [f.service if f else None for f in finals])
+        clock.finish()
         if req.stream_options and req.stream_options.include_usage:
             yield CompletionResponse(
                 id=rid,
@@ -542,6 +566,7 @@ class LLMServer:
 
     # ------------------------------------------------------------- codegen
     async def generate(self, req: GenerateRequest) -> GenerateResponse:
+        clock = ServiceClock(self.service)
         constraint = _constraint(req.constraints)
         gen = GenerationRequest(
             prompt=req.prompt,
@@ -557,9 +582,10 @@ class LLMServer:
             adapter=self._adapter(req.model),
         )
         t0 = time.perf_counter()
-        out = await self._engine.generate_full(gen)
+        (out,) = await self._generate_all(clock, [gen])
         seconds = time.perf_counter() - t0
         assert out.finish_reason is not None
+        clock.finish()
         return GenerateResponse(
             generated_text=out.text,
             tokens_generated=out.completion_tokens,

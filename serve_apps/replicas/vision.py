@@ -42,6 +42,7 @@ class DetectorServer(LLMServer):
 
     config_type: ClassVar[type[DetectorConfig]] = DetectorConfig
     config: DetectorConfig
+    service: str = "Detector"
 
     def __init__(
         self,
@@ -57,7 +58,7 @@ class DetectorServer(LLMServer):
         from ..images import decode_image
 
         t_start = time.perf_counter()
-        clock = ServiceClock()
+        clock = ServiceClock(self.service)
         cfg = self.config
         info = self._engine.info()
         if not info.supports_images:
@@ -95,13 +96,13 @@ class DetectorServer(LLMServer):
             add_special_tokens=False,
         )
         t0 = time.perf_counter()
-        out = await self._engine.generate_full(request)
+        (out,) = await self._generate_all(clock, [request])
         generation_s = time.perf_counter() - t0
         timings["generate"] = round(generation_s * 1000, 3)
         parsed = detection.parse_prediction(out.text, width, height)
         predictions = detection.predictions_for_task(parsed, call.task, categories)
         assert out.finish_reason is not None
-        timings.update(clock.timings())
+        timings.update(clock.finish())
         return DetectResult(
             model=cfg.served_model_name,
             image_size=(width, height),
@@ -122,6 +123,7 @@ class SegmenterServer:
     """The SAM deployment."""
 
     config_type: ClassVar[type[SAMConfig]] = SAMConfig
+    service: str = "SAM"
 
     def __init__(self, config: SAMConfig, *, settings: Settings | None = None):
         self.config = config
@@ -168,13 +170,16 @@ class SegmenterServer:
         return {"model_type": self.config.model_type, "smoke": self.config.is_smoke}
 
     async def encode(self, image: bytes) -> EncodeResult:
+        clock = ServiceClock(self.service)
         out = await self.segmenter.encode(image)
         return EncodeResult(
-            image_size=out.image_size, cache_hit=out.cache_hit, timings_ms=out.timings_ms
+            image_size=out.image_size,
+            cache_hit=out.cache_hit,
+            timings_ms={**out.timings_ms, **clock.finish()},
         )
 
     async def segment(self, image: bytes, boxes: list[list[float]]) -> SegmentResult:
-        clock = ServiceClock()
+        clock = ServiceClock(self.service)
         out = await self.segmenter.segment(image, boxes)
         return SegmentResult(
             image_size=out.image_size,
@@ -183,7 +188,7 @@ class SegmenterServer:
                 for r in out.results
             ],
             cache_hit=out.cache_hit,
-            timings_ms={**out.timings_ms, **clock.timings()},
+            timings_ms={**out.timings_ms, **clock.finish()},
         )
 
     async def stats(self) -> dict[str, Any]:
@@ -198,6 +203,7 @@ class GrounderServer:
     """The grounder deployment."""
 
     config_type: ClassVar[type[GrounderConfig]] = GrounderConfig
+    service: str = "Grounder"
 
     def __init__(self, config: GrounderConfig, *, settings: Settings | None = None):
         # settings: the servers' common signature; the grounder keeps no model cache.
@@ -216,8 +222,10 @@ class GrounderServer:
         return {"pipeline": self.config.pipeline}
 
     async def phrases(self, caption: str) -> list[PhraseResult]:
+        clock = ServiceClock(self.service)
         check_caption(caption, self.config.max_caption_chars)  # the ingress checked it too
         found = await self.grounder.phrases_async(caption)
+        clock.finish()
         return [
             PhraseResult(text=p.text, start_char=p.start_char, end_char=p.end_char, root=p.root)
             for p in found[: self.config.max_phrases]

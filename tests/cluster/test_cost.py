@@ -499,3 +499,42 @@ def test_cost_command_errors(tmp_path: Path, capsys):
     assert "--service-time: no deployment ['LMM']" in capsys.readouterr().err
     assert main(["cost", "--service-time", "LLM"]) == 2
     assert "give NAME=SECONDS" in capsys.readouterr().err
+    assert main(["cost", "--replica-start", "LLM=-1"]) == 2
+    assert "--replica-start 'LLM=-1': give NAME=SECONDS (>= 0)" in capsys.readouterr().err
+    assert main(["cost", "--node-start", "a100=5"]) == 2
+    assert "--node-start: no 'a100'; one of: " in capsys.readouterr().err
+    assert main(["cost", "--idle-timeout", "-3"]) == 2
+    assert "--idle-timeout: give seconds" in capsys.readouterr().err
+
+
+def test_measured_timings_replace_the_assumptions(prod_config):
+    """What the lane check feeds the simulator: its Serve settings come from the config,
+    the timings from arguments (no special case for the lane)."""
+    from cluster.cost import ASSUMPTIONS, kuberay_cluster, serve_deployments
+
+    fast = {**prod_config}
+    app = {**fast["applications"][0]}
+    app["deployments"] = [
+        {**d, "autoscaling_config": {**d["autoscaling_config"], "upscale_delay_s": 1.0}}
+        for d in app["deployments"]
+    ]
+    fast["applications"] = [app]
+    by_name = {d.name: d for d in serve_deployments(fast, {"LLM": 2.5}, {"LLM": 7.0, "SAM": 0.0})}
+    assert by_name["LLM"].service_s == 2.5 and by_name["LLM"].replica_start_s == 7.0
+    assert by_name["SAM"].replica_start_s == 0.0
+    assert by_name["Codegen"].service_s == ASSUMPTIONS["Codegen"].service_s
+    assert by_name["LLM"].upscale_delay_s == 1.0
+    default = kuberay_cluster(prod_config, "gke")
+    fast_cluster = kuberay_cluster(prod_config, "gke", 6.0, {"a100-80gb": 4.0})
+    assert fast_cluster.idle_timeout_s == 6.0 and default.idle_timeout_s == 300.0
+    assert fast_cluster.node_start_s["a100-80gb"] == 4.0
+    assert fast_cluster.node_start_s["cpu"] == default.node_start_s["cpu"]
+
+
+def test_cost_command_refuses_a_config_without_pools(capsys):
+    """config.yaml (the local default) pins no pool: a clear error, not a traceback."""
+    from cluster.__main__ import main
+    from cluster.render import REPO
+
+    assert main(["cost", "--config", str(REPO / "config.yaml"), "--no-break-even"]) == 2
+    assert "cost: CPU replica without a pool pin" in capsys.readouterr().err

