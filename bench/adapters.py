@@ -10,7 +10,9 @@ process, greedy, 8 requests at a time (one batch), rounds interleaved:
   engine (an engine with adapters runs every forward with ``adapter_names``);
 - **4 adapters mixed vs 1 adapter**: 8 requests spread over 4 adapters (2 each, one
   batch: PEFT's mixed-adapter forward) vs 8 requests for one adapter;
-- and, for reference, the base model on an engine without adapters (no PEFT at all).
+- **base on an engine with adapters vs without**: the base model on an engine without
+  adapters (no PEFT at all) against base requests on the engine with adapters (a step of
+  base rows only runs the model without PEFT's layers: ``PeftAdapters.plain``).
 
 Writes its section of BENCHMARKS.md.
 """
@@ -78,13 +80,14 @@ async def run(rounds: int) -> None:
     }
     for engine, adapters in cases.values():  # warm-up: adapters loaded, kernels touched
         await _batch(engine, adapters)
-    totals = {name: [0, 0.0] for name in cases}
+    runs: dict[str, list[tuple[int, float]]] = {name: [] for name in cases}
     for _ in range(rounds):
         for name, (engine, adapters) in cases.items():
-            tokens, seconds = await _batch(engine, adapters)
-            totals[name][0] += tokens
-            totals[name][1] += seconds
-    rate = {name: t[0] / t[1] for name, t in totals.items()}
+            runs[name].append(await _batch(engine, adapters))
+    # The median round of each case: one round disturbed by another process on a shared
+    # machine moves a total, not a median.
+    medians = {name: sorted(r, key=lambda t: t[1])[len(r) // 2] for name, r in runs.items()}
+    rate = {name: tokens / seconds for name, (tokens, seconds) in medians.items()}
     await plain.shutdown()
     await lora.shutdown()
     base = rate["base model, engine with adapters"]
@@ -94,15 +97,16 @@ async def run(rounds: int) -> None:
         "adapters",
         "LoRA adapters (PEFT) on the transformers engine: adapter vs base, mixed batches",
         table(
-            ["batch of 8 greedy requests", "tokens", "seconds", "tokens/s"],
-            [[name, int(t[0]), t[1], rate[name]] for name, t in totals.items()],
+            ["batch of 8 greedy requests", "tokens", "seconds (median round)", "tokens/s"],
+            [[name, tokens, seconds, rate[name]] for name, (tokens, seconds) in medians.items()],
         )
         + f"\n\n- adapter / base tokens/s (same engine): **{one / base:.2f}**"
         + f"\n- 4 adapters mixed / 1 adapter tokens/s: **{mixed / one:.2f}**"
         + "\n- base model, engine with adapters / engine without: "
         + f"**{base / rate['base model, engine without adapters']:.2f}**"
         + f"\n- smoke LLM, smoke LoRAs (rank 8, all 7 projections), {MAX_TOKENS} tokens per "
-        + f"request, {rounds} rounds interleaved after a warm-up, one compute thread.",
+        + f"request, {rounds} rounds interleaved after a warm-up, each case's median round, "
+        + "one compute thread.",
     )
 
 

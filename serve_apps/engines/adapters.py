@@ -8,7 +8,11 @@ before the old one goes).
 
 Requests for different adapters, and for the base model, share one running batch: every
 forward pass gets ``adapter_names`` (one per row, ``"__base__"`` for the base model), which
-PEFT's LoRA layers apply row by row (its "mixed adapter batches"). When a request needs an
+PEFT's LoRA layers apply row by row (its "mixed adapter batches"). A forward pass whose rows
+are all for the base model skips PEFT altogether: it runs :attr:`PeftAdapters.plain`, a view
+of the model with the original layers where PEFT put its LoRA layers (same weight tensors,
+no copy), so base requests on an engine with adapters cost what they cost without PEFT
+(PEFT's per-layer hooks roughly doubled the smoke model's decode step). When a request needs an
 adapter that is not loaded and every loaded one is in use by a running row while the bound
 is reached, the request waits (outside the batch) until one is free: requests are grouped
 rather than the bound broken.
@@ -21,6 +25,7 @@ use is visible, not a silent stall.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -65,7 +70,10 @@ class PeftAdapters:
         self.evictions = 0
         self.load_seconds = 0.0
         self.requests: Counter[str] = Counter()
-        self.model: Any = None
+        self.model: Any = None  # the PeftModel
+        self.plain: Any = None  # the model without PEFT's layers (see plain_view)
+        self.base_steps = 0  # forward passes whose rows were all for the base model
+        self.adapter_steps = 0  # forward passes with at least one adapter row
 
     def check(self, name: str | None) -> None:
         """``ModelNotFoundError`` (404) for a name that is no adapter of this model."""
@@ -87,6 +95,7 @@ class PeftAdapters:
             is_trainable=False,
         )
         self._loaded_one(first.name, time.perf_counter() - t0)
+        self.plain = plain_view(self.model.get_base_model()).eval()
         return self.model
 
     def _loaded_one(self, name: str, seconds: float) -> None:
@@ -139,6 +148,17 @@ class PeftAdapters:
         """``adapter_names`` for a forward pass: one per row, the base model's for None."""
         return [BASE if a is None else a for a in adapters]
 
+    def forward_for(self, adapters: Iterable[str | None]) -> tuple[Any, dict[str, Any]]:
+        """The model to call for a batch whose rows use ``adapters`` (None: the base model),
+        and the extra arguments of that call: the plain model when no row has an adapter,
+        else the PEFT model with ``adapter_names``."""
+        names = self.row_names(adapters)
+        if all(n == BASE for n in names):
+            self.base_steps += 1
+            return self.plain, {}
+        self.adapter_steps += 1
+        return self.model, {"adapter_names": names}
+
     def stats(self) -> dict[str, Any]:
         return {
             "loaded": self.loaded(),
@@ -147,4 +167,46 @@ class PeftAdapters:
             "evictions": self.evictions,
             "load_seconds": round(self.load_seconds, 6),
             "requests": dict(self.requests),
+            "base_steps": self.base_steps,
+            "adapter_steps": self.adapter_steps,
         }
+
+
+def plain_view(model: Any) -> Any:
+    """``model`` (with PEFT's layers injected) as it was before PEFT: the same modules and
+    weight tensors, except that every PEFT layer is replaced by the layer it wraps. Only
+    the modules on a path to a PEFT layer are copied (shallow: a new child table, every
+    parameter, buffer and setting shared); everything else is the model's own module.
+
+    The view stays right when adapters are loaded or deleted later: PEFT then changes the
+    child tables of the wrapped model (a new LoRA layer around a module, or new weights
+    inside an existing LoRA layer), never the original layers the view holds, and it keeps
+    those as the new layers' ``base_layer``. (Merging adapters into the weights would
+    change them; this module never merges.)
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    memo: dict[int, Any] = {}
+
+    def view(module: Any) -> Any:
+        if id(module) in memo:
+            return memo[id(module)]
+        if isinstance(module, BaseTunerLayer):
+            out = view(module.get_base_layer())
+        elif isinstance(module, AuxiliaryTrainingWrapper):  # modules_to_save and the like
+            out = view(module.original_module)
+        else:
+            children = {
+                name: None if child is None else view(child)
+                for name, child in module._modules.items()
+            }
+            if all(children[name] is child for name, child in module._modules.items()):
+                out = module
+            else:
+                out = copy.copy(module)
+                out._modules = children
+        memo[id(module)] = out
+        return out
+
+    return view(model)

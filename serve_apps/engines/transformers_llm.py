@@ -588,16 +588,17 @@ class TransformersEngine(TokenizedEngine):
         for s in new:
             s.inputs.extras = {}  # pixel values and the like are not needed after this
         cache = DynamicCache()
+        model, adapter_kwargs = self._model_for(new)
         masks = self.masker.start(_constrained(new))  # computed while the model runs
         try:
-            out = self.model(
+            out = model(
                 input_ids=ids,
                 attention_mask=attn,
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
                 **extra,
-                **self._adapter_kwargs(new),
+                **adapter_kwargs,
             )
         except BaseException:
             self.masker.settle(masks)
@@ -649,15 +650,16 @@ class TransformersEngine(TokenizedEngine):
         attn = torch.cat(
             [self._attn, torch.ones((len(batch), 1), dtype=self._attn.dtype, device=self.device)], 1
         )
+        model, adapter_kwargs = self._model_for(batch)
         masks = self.masker.start(_constrained(batch))  # computed while the model runs
         try:
-            out = self.model(
+            out = model(
                 input_ids=ids,
                 attention_mask=attn,
                 position_ids=positions,
                 past_key_values=self._cache,
                 use_cache=True,
-                **self._adapter_kwargs(batch),
+                **adapter_kwargs,
             )
         except BaseException:
             self.masker.settle(masks)
@@ -692,11 +694,13 @@ class TransformersEngine(TokenizedEngine):
                 self._held.append(s)
         return admitted
 
-    def _adapter_kwargs(self, seqs: list[_Sequence]) -> dict[str, Any]:
-        """``adapter_names`` (one per row) for a forward pass when the model has adapters."""
+    def _model_for(self, seqs: list[_Sequence]) -> tuple[Any, dict[str, Any]]:
+        """The model to run these rows through and the extra arguments: with adapters, the
+        PEFT model with ``adapter_names`` (one per row), or the model without PEFT's layers
+        when every row is for the base model (``PeftAdapters.forward_for``)."""
         if self._adapters is None:
-            return {}
-        return {"adapter_names": self._adapters.row_names(s.request.adapter for s in seqs)}
+            return self.model, {}
+        return self._adapters.forward_for(s.request.adapter for s in seqs)
 
     def _drop_finished(self) -> None:
         """Remove finished or cancelled rows from the batch and trim all-padding columns."""

@@ -117,6 +117,70 @@ async def test_base_and_adapter_requests_in_one_batch_equal_their_sequential_res
     assert lora_engine.counters.max_batch_size == 8, (before, lora_engine.counters.batch_sizes)
 
 
+async def test_all_base_steps_skip_peft_and_equal_an_engine_without_adapters(
+    lora_engine, smoke_engine
+):
+    """A step whose rows are all for the base model runs the model without PEFT's layers
+    (no LoRA layer is called) and gives exactly what an engine without PEFT gives; a step
+    with an adapter row goes through the LoRA layers again."""
+    from peft.tuners.lora import LoraLayer
+
+    calls = 0
+
+    def count(*_: object) -> None:
+        nonlocal calls
+        calls += 1
+
+    layers = [m for m in lora_engine.model.modules() if isinstance(m, LoraLayer)]
+    assert layers
+    hooks = [m.register_forward_hook(count) for m in layers]
+    try:
+        plain = await asyncio.gather(*(smoke_engine.generate_full(greedy(p)) for p in PROMPTS))
+        before = lora_engine.stats()["adapters"]
+        base = await asyncio.gather(*(lora_engine.generate_full(greedy(p)) for p in PROMPTS))
+        after = lora_engine.stats()["adapters"]
+        assert [o.token_ids for o in base] == [o.token_ids for o in plain]
+        assert calls == 0, f"{calls} LoRA layer calls in all-base steps"
+        assert after["base_steps"] > before["base_steps"]
+        assert after["adapter_steps"] == before["adapter_steps"]
+
+        mixed = await asyncio.gather(
+            *(lora_engine.generate_full(greedy(p, a)) for p in PROMPTS for a in (None, "lora-0"))
+        )
+        assert calls > 0, "a step with an adapter row did not use the LoRA layers"
+        assert lora_engine.stats()["adapters"]["adapter_steps"] > after["adapter_steps"]
+        assert [o.token_ids for o in mixed[::2]] == [o.token_ids for o in plain]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_plain_view_shares_weights_and_holds_no_peft_layer(smoke_llm_dir, lora_dirs):
+    """The view is the model's own weights (no copy) without any PEFT layer, and loading
+    another adapter afterwards (new LoRA weights in the wrapped model) leaves it plain."""
+    import torch
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import AutoModelForCausalLM
+
+    from serve_apps.engines.adapters import plain_view
+
+    plain = AutoModelForCausalLM.from_pretrained(smoke_llm_dir).eval()
+    wrapped = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(smoke_llm_dir), str(lora_dirs["lora-0"])
+    ).eval()
+    view = plain_view(wrapped.get_base_model())
+    wrapped.load_adapter(str(lora_dirs["lora-1"]), adapter_name="lora-1")
+    assert not any(isinstance(m, BaseTunerLayer) for m in view.modules())
+    assert any(isinstance(m, BaseTunerLayer) for m in wrapped.modules())
+    ours = {id(p) for p in wrapped.parameters()}
+    assert all(id(p) in ours for p in view.parameters())
+    assert sum(p.numel() for p in view.parameters()) == sum(p.numel() for p in plain.parameters())
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.inference_mode():
+        assert torch.equal(view(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
 async def test_unknown_adapter_is_model_not_found(lora_engine, smoke_engine):
     for engine in (lora_engine, smoke_engine):
         with pytest.raises(ModelNotFoundError) as info:
