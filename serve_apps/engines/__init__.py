@@ -39,8 +39,11 @@ BACKENDS: dict[str, Backend] = {
         image_text="serve_apps.engines.transformers_vl:TransformersVLEngine",
         extra="llm",
     ),
-    # vLLM's engine here passes token prompts only; images are not wired to it yet.
-    "vllm": Backend(text="serve_apps.engines.vllm_llm:VLLMEngine", image_text=None, extra="vllm"),
+    "vllm": Backend(
+        text="serve_apps.engines.vllm_llm:VLLMEngine",
+        image_text="serve_apps.engines.vllm_vl:VLLMVLEngine",
+        extra="vllm",
+    ),
 }
 
 

@@ -100,6 +100,15 @@ class TokenizedEngine(LLMEngine):
                 param="token_mask",
             )
 
+    def _special_tokens(self) -> frozenset[str]:
+        """The added tokens llguidance counts as special (``ModelInfo.special_tokens``: a
+        grammar must name them as tokens, e.g. Rex-Omni's ``<123>``)."""
+        return frozenset(
+            str(t.content)
+            for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items()
+            if i < self.compiler.vocab_size and self.compiler.is_special_token(i)
+        )
+
     def token_text(self, token_id: int) -> str:
         """One token's text, for logprobs (special tokens kept)."""
         with self._tok_lock:

@@ -287,17 +287,12 @@ class TransformersEngine(TokenizedEngine):
         text_config = self.model.config.get_text_config()
         limit = getattr(text_config, "max_position_embeddings", None) or 2048
         max_len = min(self._max_model_len_cfg or limit, limit)
-        specials = {
-            str(t.content)
-            for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items()
-            if i < self.compiler.vocab_size and self.compiler.is_special_token(i)
-        }
         self._info = ModelInfo(
             name_or_path=self.model_name_or_path,
             max_model_len=int(max_len),
             eos_token_ids=tuple(sorted(self._eos)),
             supports_images=self.supports_images,
-            special_tokens=frozenset(specials),
+            special_tokens=self._special_tokens(),
         )
         logger.info("loaded %s on %s (max_model_len=%d)", self.model_name_or_path, device, max_len)
 

@@ -5,6 +5,8 @@ model-family hooks filled in for image-text-to-text models loaded with ``AutoPro
 ``AutoModelForImageTextToText.from_pretrained(path_or_id)`` (Qwen2-VL, Qwen2.5-VL and
 therefore Rex-Omni, which is a fine-tuned Qwen2.5-VL):
 
+- the chat template, the pixel budget and the placeholder check are
+  :class:`~.vision_prompts.VisionPrompts` (shared with the vLLM engine, :mod:`.vllm_vl`);
 - the processor turns the templated prompt and its images into token ids (each image
   placeholder expanded to the image's patch count), ``pixel_values`` and
   ``image_grid_thw``; this runs before the request is queued, in a worker thread, so the
@@ -22,13 +24,13 @@ therefore Rex-Omni, which is a fine-tuned Qwen2.5-VL):
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from ..errors import InvalidRequestError
 from .base import GenerationRequest, common_options
 from .transformers_llm import PromptInputs, TransformersEngine, _Sequence, _torch_dtype
+from .vision_prompts import VisionPrompts, processor_error
 
 if TYPE_CHECKING:
     import torch
@@ -37,10 +39,8 @@ if TYPE_CHECKING:
     from .adapters import AdapterSource
 
 
-class TransformersVLEngine(TransformersEngine):
+class TransformersVLEngine(VisionPrompts, TransformersEngine):
     """An image-text-to-text model behind the LLM engine contract; takes images."""
-
-    supports_images: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -51,11 +51,9 @@ class TransformersVLEngine(TransformersEngine):
         **kwargs: Any,
     ):
         super().__init__(model, **kwargs)
-        self._image_min_pixels = image_min_pixels
-        self._image_max_pixels = image_max_pixels
-        # The processor has its own tokenizer object, so preparing a request (in a worker
-        # thread) never contends with detokenizing on the scheduler thread.
-        self._proc_lock = threading.Lock()
+        # The processor's own tokenizer (VisionPrompts) prepares requests in worker threads,
+        # so that never contends with detokenizing on the scheduler thread.
+        self._init_vision(image_min_pixels, image_max_pixels)
 
     @classmethod
     def from_config(
@@ -77,14 +75,9 @@ class TransformersVLEngine(TransformersEngine):
         )
 
     def _load_model(self) -> Any:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText
 
-        self.processor = AutoProcessor.from_pretrained(
-            self.model_name_or_path,
-            revision=self.revision,
-            trust_remote_code=self._trust_remote_code,
-        )
-        self._set_pixel_bounds(self.processor.image_processor)
+        self._load_processor(self.revision, self._trust_remote_code)
         model: Any = AutoModelForImageTextToText.from_pretrained(
             self.model_name_or_path,
             revision=self.revision,
@@ -93,36 +86,9 @@ class TransformersVLEngine(TransformersEngine):
         )
         inner = getattr(model, "model", None)
         self._rope_index = getattr(inner, "get_rope_index", None)
-        self._image_token: str | None = getattr(self.processor, "image_token", None)
         image_token_id = getattr(model.config, "image_token_id", None)
         self._image_token_id = -1 if image_token_id is None else int(image_token_id)
         return model
-
-    def _set_pixel_bounds(self, image_processor: Any) -> None:
-        """Apply the configured image resolution bounds (Qwen-VL processors' pixel budget)."""
-        # transformers 5 keeps the budget in ``size`` (a SizeDict); the old ``min_pixels``
-        # / ``max_pixels`` attributes are deprecated.
-        size = getattr(image_processor, "size", None)
-        for value, key in (
-            (self._image_min_pixels, "shortest_edge"),
-            (self._image_max_pixels, "longest_edge"),
-        ):
-            if value is None:
-                continue
-            if size is None or key not in size:
-                raise ValueError(
-                    f"{type(image_processor).__name__} has no pixel budget ({key}) to set"
-                )
-            size[key] = value
-
-    # ----------------------------------------------------------------- contract
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
-        with self._proc_lock:
-            return str(
-                self.processor.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
-            )
 
     # ------------------------------------------------------- model-family hooks
     async def _prompt_inputs(self, request: GenerationRequest) -> PromptInputs:
@@ -133,15 +99,7 @@ class TransformersVLEngine(TransformersEngine):
         import torch
 
         images = list(request.images)
-        if self._image_token is not None:
-            placeholders = request.prompt.count(self._image_token)
-            if placeholders != len(images):
-                raise InvalidRequestError(
-                    f"the prompt has {placeholders} image placeholder(s) but "
-                    f"{len(images)} image(s) were given",
-                    param="messages",
-                    code="image_count_mismatch",
-                )
+        self._check_image_placeholders(request)
         with self._proc_lock:
             try:
                 enc = self.processor(
@@ -152,9 +110,7 @@ class TransformersVLEngine(TransformersEngine):
                 )
             except (ValueError, TypeError) as e:
                 # The processor rejects images it cannot handle (e.g. too small to patch).
-                raise InvalidRequestError(
-                    f"the model's processor rejected the input: {e}", code="invalid_image"
-                ) from e
+                raise processor_error(e) from e
         input_ids: torch.Tensor = enc["input_ids"]
         extras: dict[str, Any] = {}
         if images:

@@ -55,6 +55,7 @@ from .base import (
     ModelInfo,
     SamplingParams,
     TokenLogprob,
+    check_context,
     common_options,
     deadline_error,
     eos_token_ids,
@@ -218,6 +219,7 @@ class VLLMEngine(TokenizedEngine):
         return cls(
             model,
             **common_options(config),
+            **cls._family_options(config),
             tensor_parallel_size=opts.tensor_parallel_size,
             gpu_memory_utilization=opts.gpu_memory_utilization,
             kv_cache_memory_bytes=opts.kv_cache_memory_bytes,
@@ -228,6 +230,11 @@ class VLLMEngine(TokenizedEngine):
             max_loaded_adapters=config.max_loaded_adapters,
             max_lora_rank=config.max_lora_rank,
         )
+
+    @classmethod
+    def _family_options(cls, config: ModelConfig) -> dict[str, Any]:
+        """Constructor options of a model family's subclass (the vision one's pixel budget)."""
+        return {}
 
     def __init__(
         self,
@@ -254,6 +261,8 @@ class VLLMEngine(TokenizedEngine):
         self.adapters = dict(adapters or {})
         self._lora_requests: dict[str, Any] = {}  # name -> LoRARequest (made at start)
         self.model_name_or_path = model
+        self.revision = revision
+        self._trust_remote_code = trust_remote_code
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self._device = device
@@ -352,6 +361,8 @@ class VLLMEngine(TokenizedEngine):
                 self.tokenizer.eos_token_id,
                 model_config.try_get_generation_config().get("eos_token_id"),
             ),
+            supports_images=self.supports_images,
+            special_tokens=self._special_tokens(),
         )
         logger.info(
             "vLLM engine ready: %s (max_model_len=%d)",
@@ -388,16 +399,13 @@ class VLLMEngine(TokenizedEngine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         from vllm.exceptions import VLLMClientError
-        from vllm.inputs import tokens_input
 
-        prompt_ids, sampling, matcher = await self._prepare(request)
+        engine_input, prompt_tokens, sampling, matcher = await self._prepare(request)
         if self._inflight >= self.max_batch_size + self.max_queue:
             raise OverloadedError(f"{self._inflight} requests are in the engine; retry later")
         self._inflight += 1
-        # Already tokenized: handed over as an engine input (vLLM 0.33 deprecates raw
-        # prompts, token-id dicts included, in favour of rendered inputs like this one).
         stream = self._llm.generate(
-            tokens_input(prompt_ids, prompt=request.prompt),
+            engine_input,
             sampling,
             request.request_id,
             lora_request=self._lora_requests.get(request.adapter or ""),
@@ -442,7 +450,7 @@ class VLLMEngine(TokenizedEngine):
                     yield GenerationOutput(
                         text=completion.text,
                         token_ids=unsent,
-                        prompt_tokens=len(prompt_ids),
+                        prompt_tokens=prompt_tokens,
                         completion_tokens=len(generated),
                         finish_reason=finish,
                         constraint_satisfied=satisfied,
@@ -483,8 +491,20 @@ class VLLMEngine(TokenizedEngine):
             finish = "stop"
         return finish, satisfied
 
-    async def _prepare(self, request: GenerationRequest) -> tuple[list[int], Any, Any]:
-        """Everything that can reject a request, done before it reaches vLLM."""
+    async def _engine_input(
+        self, request: GenerationRequest, prompt_ids: list[int]
+    ) -> tuple[Any, int]:
+        """vLLM's input for a request whose prompt encodes to ``prompt_ids``, and the
+        prompt's length as the model sees it. Here: the token ids, already tokenized, as a
+        rendered engine input (vLLM 0.33 deprecates raw prompts, token-id dicts included);
+        the vision subclass adds images."""
+        from vllm.inputs import tokens_input
+
+        return tokens_input(prompt_ids, prompt=request.prompt), len(prompt_ids)
+
+    async def _prepare(self, request: GenerationRequest) -> tuple[Any, int, Any, Any]:
+        """Everything that can reject a request, done before it reaches vLLM: vLLM's input,
+        the prompt's length in tokens, vLLM's sampling parameters and our matcher."""
         if request.adapter is not None and request.adapter not in self.adapters:
             raise unknown_adapter(request.adapter, self.adapters)
         from vllm import SamplingParams as VLLMSamplingParams
@@ -501,6 +521,9 @@ class VLLMEngine(TokenizedEngine):
         # errors and messages, and the matcher that replays the output for
         # constraint_satisfied.
         matcher = await self._check_prompt(request, prompt_ids)
+        engine_input, prompt_tokens = await self._engine_input(request, prompt_ids)
+        if prompt_tokens != len(prompt_ids):  # images expanded to their tokens
+            check_context(prompt_tokens, request.sampling.max_tokens, self.info().max_model_len)
         sp = request.sampling
         try:
             sampling = VLLMSamplingParams(
@@ -524,4 +547,4 @@ class VLLMEngine(TokenizedEngine):
             )
         except VLLMClientError as e:
             raise _client_error(e, request.constraint) from e
-        return prompt_ids, sampling, matcher
+        return engine_input, prompt_tokens, sampling, matcher

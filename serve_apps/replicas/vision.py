@@ -50,8 +50,12 @@ class DetectorServer(LLMServer):
         *,
         engine: LLMEngine | None = None,
         settings: Settings | None = None,
+        placement_group: Any = None,
     ):
-        super().__init__(config, engine=engine, settings=settings)
+        # placement_group: a vLLM detector's tensor-parallel workers (as LLMServer's).
+        super().__init__(
+            config, engine=engine, settings=settings, placement_group=placement_group
+        )
 
     async def detect(self, call: DetectCall) -> DetectResult:
         from ..engines import detection

@@ -81,11 +81,12 @@ def test_only_servers_with_engine_workers_take_a_placement_group():
     from serve_apps.registry import SERVICES
 
     takes = {s.name: _takes_placement_group(s.server) for s in SERVICES}
-    # The text model servers (vLLM workers); the others run in the replica process alone.
+    # The model servers (vLLM workers, the detector's too); the others run in the replica
+    # process alone.
     assert takes == {
         "LLM": True,
         "Codegen": True,
-        "Detector": False,
+        "Detector": True,
         "SAM": False,
         "Grounder": False,
         "BatchRunner": False,

@@ -187,3 +187,103 @@ def test_vllm_logprobs_map_to_the_sampled_token_and_ranked_alternatives():
     assert out[0].top == (("a", -0.1), ("<2>", -1.0))
     assert out[1].logprob == -9999.0  # JSON has no -inf
     assert _logprobs([1], entries[1:], 0, str)[0].top == ()
+
+
+# ------------------------------------------------------------------ vision-language
+def test_an_image_text_model_on_vllm_maps_to_the_vision_engine_with_its_options():
+    """The detector on ``backend: vllm``: vLLM's vision engine, images only (no video),
+    the pixel budget for vLLM's processor, tensor parallelism and placement as for text."""
+    import sys
+
+    from serve_apps.engines import create_llm_engine
+    from serve_apps.engines.vllm_vl import VLLMVLEngine
+    from serve_apps.registry import AppArgs
+
+    args = AppArgs.model_validate(
+        {
+            "detector": {
+                "served_model_name": "rex",
+                "model": "IDEA-Research/Rex-Omni",
+                "backend": "vllm",
+                "max_batch_size": 16,
+                "image_min_pixels": 3136,
+                "image_max_pixels": 1003520,
+                "vllm": {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.8},
+            }
+        }
+    )
+    cfg = args.detector
+    assert cfg is not None
+    engine = create_llm_engine(cfg, "IDEA-Research/Rex-Omni")
+    assert type(engine) is VLLMVLEngine and engine.supports_images
+    engine_args = engine.engine_args
+    assert engine_args["tensor_parallel_size"] == 2 and engine_args["max_num_seqs"] == 16
+    assert engine_args["limit_mm_per_prompt"] == {"video": 0}
+    assert engine_args["mm_processor_kwargs"] == {"min_pixels": 3136, "max_pixels": 1003520}
+    assert engine_args["structured_outputs_config"]["backend"] == "guidance"
+    placed = create_llm_engine(cfg, "IDEA-Research/Rex-Omni", placement_group=object())
+    assert placed.engine_args["distributed_executor_backend"] == "ray"  # type: ignore[attr-defined]
+    # No pixel budget configured: vLLM's processor keeps the model's own.
+    plain = create_llm_engine(
+        cfg.model_copy(update={"image_max_pixels": None, "image_min_pixels": None}), "m"
+    )
+    assert "mm_processor_kwargs" not in plain.engine_args  # type: ignore[attr-defined]
+    assert "vllm" not in sys.modules
+
+
+def test_a_vllm_detector_gets_worker_bundles_like_a_text_model():
+    from serve_apps.config import DetectorConfig
+    from serve_apps.worker_bundles import replica_placement
+
+    cfg = DetectorConfig(backend="vllm", vllm={"tensor_parallel_size": 2})
+    assert replica_placement(cfg)["placement_group_bundles"] == [
+        {"GPU": 1.0, "CPU": 1.0},
+        {"GPU": 1.0},
+    ]
+
+
+def test_a_request_with_images_becomes_a_token_prompt_with_multimodal_data():
+    from PIL import Image
+
+    from serve_apps.engines.vllm_vl import multimodal_prompt
+
+    a, b = Image.new("RGB", (32, 32)), Image.new("RGB", (64, 48))
+    prompt = multimodal_prompt((1, 2, 3), "text", [a, b])
+    assert prompt == {
+        "prompt_token_ids": [1, 2, 3],
+        "prompt": "text",
+        "multi_modal_data": {"image": [a, b]},
+    }
+    assert prompt["multi_modal_data"]["image"][0] is a  # the decoded images, in order
+
+
+async def test_vllm_vision_engine_renders_like_transformers_and_checks_images_first(smoke_vl_dir):
+    """The same chat template (the processor's) as the transformers engine, and a request
+    whose placeholders do not match its images is refused before vLLM is touched."""
+    import sys
+
+    from PIL import Image
+
+    from serve_apps.engines.base import GenerationRequest, SamplingParams
+    from serve_apps.engines.transformers_vl import TransformersVLEngine
+    from serve_apps.engines.vllm_vl import VLLMVLEngine
+    from serve_apps.errors import InvalidRequestError
+
+    ours = VLLMVLEngine(str(smoke_vl_dir))
+    ours._load_processor(None, False)
+    theirs = TransformersVLEngine(str(smoke_vl_dir))
+    theirs._load_processor(None, False)
+    messages = [
+        {"role": "system", "content": "You are a detector."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Detect cat."}]},
+    ]
+    prompt = ours.apply_chat_template(messages)
+    assert prompt == theirs.apply_chat_template(messages)
+    assert prompt.count(ours.processor.image_token) == 1
+    image = Image.new("RGB", (64, 64))
+    for images in ([], [image, image]):
+        request = GenerationRequest(prompt, SamplingParams(max_tokens=4), images=images)
+        with pytest.raises(InvalidRequestError) as info:
+            await ours._engine_input(request, [1, 2, 3])
+        assert info.value.code == "image_count_mismatch"
+    assert "vllm" not in sys.modules

@@ -1,0 +1,87 @@
+"""What the vision-language engines share, on every backend (:mod:`.transformers_vl`,
+:mod:`.vllm_vl`): the model's processor renders the chat template (an image part becomes
+the model's image placeholder), holds the pixel budget and names the image token, and a
+request's images are checked against its placeholders the same way. So a request with
+images gets the same prompt, and the same refusals, on both backends.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar
+
+from ..errors import InvalidRequestError
+from .base import GenerationRequest
+
+
+def set_pixel_bounds(image_processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
+    """Apply image resolution bounds to a Qwen-VL style image processor (its pixel budget)."""
+    # transformers 5 keeps the budget in ``size`` (a SizeDict); the old ``min_pixels`` /
+    # ``max_pixels`` attributes are deprecated.
+    size = getattr(image_processor, "size", None)
+    for value, key in ((min_pixels, "shortest_edge"), (max_pixels, "longest_edge")):
+        if value is None:
+            continue
+        if size is None or key not in size:
+            raise ValueError(f"{type(image_processor).__name__} has no pixel budget ({key}) to set")
+        size[key] = value
+
+
+def processor_error(e: Exception) -> InvalidRequestError:
+    """A processor's refusal of a request's images (e.g. too small to patch): a 400."""
+    return InvalidRequestError(
+        f"the model's processor rejected the input: {e}", code="invalid_image"
+    )
+
+
+class VisionPrompts:
+    """Mixin for a :class:`~.tokenized.TokenizedEngine` whose model takes images.
+
+    The engine calls :meth:`_init_vision` in its constructor and :meth:`_load_processor`
+    when it loads; ``apply_chat_template`` then renders with the processor's template.
+    """
+
+    supports_images: ClassVar[bool] = True
+    model_name_or_path: str
+    processor: Any
+
+    def _init_vision(self, min_pixels: int | None, max_pixels: int | None) -> None:
+        self._image_min_pixels = min_pixels
+        self._image_max_pixels = max_pixels
+        self._image_token: str | None = None
+        # The processor has its own tokenizer object, so preparing a request (in a worker
+        # thread) never contends with the engine's tokenizer.
+        self._proc_lock = threading.Lock()
+
+    def _load_processor(self, revision: str | None, trust_remote_code: bool) -> Any:
+        from transformers import AutoProcessor
+
+        self.processor = AutoProcessor.from_pretrained(
+            self.model_name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
+        set_pixel_bounds(
+            self.processor.image_processor, self._image_min_pixels, self._image_max_pixels
+        )
+        self._image_token = getattr(self.processor, "image_token", None)
+        return self.processor
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        with self._proc_lock:
+            return str(
+                self.processor.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            )
+
+    def _check_image_placeholders(self, request: GenerationRequest) -> None:
+        """One image placeholder in the prompt per image, or a 400."""
+        if self._image_token is None:
+            return
+        placeholders = request.prompt.count(self._image_token)
+        if placeholders != len(request.images):
+            raise InvalidRequestError(
+                f"the prompt has {placeholders} image placeholder(s) but "
+                f"{len(request.images)} image(s) were given",
+                param="messages",
+                code="image_count_mismatch",
+            )
