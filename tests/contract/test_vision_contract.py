@@ -25,7 +25,7 @@ W, H = 160, 120
 @pytest.fixture(autouse=True)
 def _vision_is_on(api):
     if api.args.get("detector") is None or api.args.get("sam") is None:
-        pytest.skip("this target serves no vision services (the vLLM lane runs without them)")
+        pytest.skip("this target serves no vision services")
 
 
 IMAGE = scene_png(W, H, seed=11)
