@@ -53,9 +53,7 @@ class DetectorServer(LLMServer):
         placement_group: Any = None,
     ):
         # placement_group: a vLLM detector's tensor-parallel workers (as LLMServer's).
-        super().__init__(
-            config, engine=engine, settings=settings, placement_group=placement_group
-        )
+        super().__init__(config, engine=engine, settings=settings, placement_group=placement_group)
 
     async def detect(self, call: DetectCall) -> DetectResult:
         from ..engines import detection
