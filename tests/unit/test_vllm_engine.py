@@ -183,7 +183,7 @@ async def test_every_sampling_field_reaches_vllm(smoke_vllm_engine):
         repetition_penalty=1.05,
         skip_special_tokens=False,
     )
-    _, params, _ = await smoke_vllm_engine._prepare(request)
+    _, _, params, _ = await smoke_vllm_engine._prepare(request)
     assert (params.max_tokens, params.temperature, params.top_p, params.seed) == (7, 0.5, 0.9, 3)
     assert params.stop == ["zz"]
     assert params.repetition_penalty == 1.05 and params.skip_special_tokens is False
