@@ -226,6 +226,24 @@ def all_replicas(sample: Mapping[str, Any], deployment: str) -> list[dict[str, A
 # --- load -----------------------------------------------------------------------------
 
 
+async def _timed_chat(client: Any, plan: LoadPlan, content: str, max_tokens: int) -> dict[str, Any]:
+    """One chat request of the load to ``plan``'s model: when it was sent and ended, and its
+    status (or the transport error)."""
+    t0 = time.time()
+    body = {
+        "model": plan.model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 1.0,
+    }
+    try:
+        r = await client.post("/v1/chat/completions", json=body)
+        status: Any = r.status_code
+    except Exception as e:
+        status = repr(e)[:100]
+    return {"deployment": plan.deployment, "t0": t0, "t1": time.time(), "status": status}
+
+
 async def _load(
     base_url: str, plans: list[LoadPlan], duration_s: float, max_tokens: int, max_requests: int
 ) -> list[dict[str, Any]]:
@@ -243,21 +261,7 @@ async def _load(
             nonlocal sent
             while time.time() < t_end and sent < max_requests:
                 sent += 1
-                t0 = time.time()
-                body = {
-                    "model": plan.model,
-                    "messages": [{"role": "user", "content": f"load step {i} {sent}"}],
-                    "max_tokens": max_tokens,
-                    "temperature": 1.0,
-                }
-                try:
-                    r = await client.post("/v1/chat/completions", json=body)
-                    status: Any = r.status_code
-                except Exception as e:
-                    status = repr(e)[:100]
-                results.append(
-                    {"deployment": plan.deployment, "t0": t0, "t1": time.time(), "status": status}
-                )
+                results.append(await _timed_chat(client, plan, f"load step {i} {sent}", max_tokens))
 
         await asyncio.gather(*(worker(p, i) for p in plans for i in range(p.concurrency)))
     return results
@@ -321,21 +325,7 @@ async def _replay(
     async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=600.0) as client:
 
         async def one(plan: LoadPlan, i: int) -> None:
-            t0 = time.time()
-            body = {
-                "model": plan.model,
-                "messages": [{"role": "user", "content": f"trace request {i}"}],
-                "max_tokens": max_tokens,
-                "temperature": 1.0,
-            }
-            try:
-                r = await client.post("/v1/chat/completions", json=body)
-                status: Any = r.status_code
-            except Exception as e:
-                status = repr(e)[:100]
-            results.append(
-                {"deployment": plan.deployment, "t0": t0, "t1": time.time(), "status": status}
-            )
+            results.append(await _timed_chat(client, plan, f"trace request {i}", max_tokens))
 
         start = time.time()
         tasks = []
