@@ -40,20 +40,10 @@ if TYPE_CHECKING:
 
 
 class TransformersVLEngine(VisionPrompts, TransformersEngine):
-    """An image-text-to-text model behind the LLM engine contract; takes images."""
+    """An image-text-to-text model behind the LLM engine contract; takes images.
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        image_min_pixels: int | None = None,
-        image_max_pixels: int | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__(model, **kwargs)
-        # The processor's own tokenizer (VisionPrompts) prepares requests in worker threads,
-        # so that never contends with detokenizing on the scheduler thread.
-        self._init_vision(image_min_pixels, image_max_pixels)
+    The processor's own tokenizer (VisionPrompts) prepares requests in worker threads, so
+    that never contends with detokenizing on the scheduler thread."""
 
     @classmethod
     def from_config(
@@ -64,15 +54,8 @@ class TransformersVLEngine(VisionPrompts, TransformersEngine):
         placement_group: Any = None,
         adapters: Mapping[str, AdapterSource] | None = None,
     ) -> Self:
-        # ModelConfig refuses adapters on image-text models.
-        if adapters:
-            raise ValueError("adapters are not served on vision-language models")
-        return cls(
-            model,
-            image_min_pixels=config.image_min_pixels,
-            image_max_pixels=config.image_max_pixels,
-            **common_options(config),
-        )
+        cls.refuse_adapters(adapters)
+        return cls(model, **cls.vision_options(config), **common_options(config))
 
     def _load_model(self) -> Any:
         from transformers import AutoModelForImageTextToText

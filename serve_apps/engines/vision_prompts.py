@@ -8,10 +8,14 @@ images gets the same prompt, and the same refusals, on both backends.
 from __future__ import annotations
 
 import threading
-from typing import Any, ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import InvalidRequestError
 from .base import GenerationRequest
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 
 def set_pixel_bounds(image_processor: Any, min_pixels: int | None, max_pixels: int | None) -> None:
@@ -37,21 +41,44 @@ def processor_error(e: Exception) -> InvalidRequestError:
 class VisionPrompts:
     """Mixin for a :class:`~.tokenized.TokenizedEngine` whose model takes images.
 
-    The engine calls :meth:`_init_vision` in its constructor and :meth:`_load_processor`
-    when it loads; ``apply_chat_template`` then renders with the processor's template.
+    It takes the pixel budget in the constructor (before the engine's own options) and
+    the engine calls :meth:`_load_processor` when it loads; ``apply_chat_template`` then
+    renders with the processor's template.
     """
 
     supports_images: ClassVar[bool] = True
     model_name_or_path: str
     processor: Any
 
-    def _init_vision(self, min_pixels: int | None, max_pixels: int | None) -> None:
-        self._image_min_pixels = min_pixels
-        self._image_max_pixels = max_pixels
+    def __init__(
+        self,
+        model: str,
+        *,
+        image_min_pixels: int | None = None,
+        image_max_pixels: int | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(model, **kwargs)  # type: ignore[call-arg]  # the engine, next in the MRO
+        self._image_min_pixels = image_min_pixels
+        self._image_max_pixels = image_max_pixels
         self._image_token: str | None = None
         # The processor has its own tokenizer object, so preparing a request (in a worker
         # thread) never contends with the engine's tokenizer.
         self._proc_lock = threading.Lock()
+
+    @staticmethod
+    def vision_options(config: ModelConfig) -> dict[str, Any]:
+        """The constructor's pixel budget from a model config."""
+        return {
+            "image_min_pixels": config.image_min_pixels,
+            "image_max_pixels": config.image_max_pixels,
+        }
+
+    @staticmethod
+    def refuse_adapters(adapters: Mapping[str, Any] | None) -> None:
+        # ModelConfig refuses adapters on image-text models already.
+        if adapters:
+            raise ValueError("adapters are not served on vision-language models")
 
     def _load_processor(self, revision: str | None, trust_remote_code: bool) -> Any:
         from transformers import AutoProcessor

@@ -68,17 +68,9 @@ def multimodal_prompt(prompt_ids: Sequence[int], prompt: str, images: Sequence[A
 class VLLMVLEngine(VisionPrompts, VLLMEngine):
     """An image-text-to-text model served by vLLM behind the engine contract; takes images."""
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        image_min_pixels: int | None = None,
-        image_max_pixels: int | None = None,
-        **kwargs: Any,
-    ):
+    def __init__(self, model: str, **kwargs: Any):
         super().__init__(model, **kwargs)
-        self._init_vision(image_min_pixels, image_max_pixels)
-        self.engine_args.update(vl_engine_args(image_min_pixels, image_max_pixels))
+        self.engine_args.update(vl_engine_args(self._image_min_pixels, self._image_max_pixels))
 
     @classmethod
     def from_config(
@@ -89,17 +81,12 @@ class VLLMVLEngine(VisionPrompts, VLLMEngine):
         placement_group: Any = None,
         adapters: Mapping[str, AdapterSource] | None = None,
     ) -> Self:
-        # ModelConfig refuses adapters on image-text models.
-        if adapters:
-            raise ValueError("adapters are not served on vision-language models")
+        cls.refuse_adapters(adapters)
         return super().from_config(config, model, placement_group=placement_group)
 
     @classmethod
     def _family_options(cls, config: ModelConfig) -> dict[str, Any]:
-        return {
-            "image_min_pixels": config.image_min_pixels,
-            "image_max_pixels": config.image_max_pixels,
-        }
+        return cls.vision_options(config)
 
     async def start(self) -> None:
         await super().start()
