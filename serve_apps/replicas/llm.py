@@ -447,7 +447,9 @@ class LLMServer:
                 await rest.aclose()  # type: ignore[attr-defined]
 
         interval = self.config.stream_interval
-        return [_chunked(prepend(f, st), interval) for f, st in zip(firsts, streams, strict=True)]
+        started = [prepend(f, st) for f, st in zip(firsts, streams, strict=True)]
+        # Token by token (the default) needs no joining: no extra generator hop per token.
+        return started if interval == 1 else [_chunked(st, interval) for st in started]
 
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[ChatCompletionChunk]:
         clock = ServiceClock(self.service)
